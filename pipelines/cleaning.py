@@ -1,0 +1,117 @@
+"""Clean review text and de-duplicate a corpus, counting everything that was dropped.
+
+Nothing is dropped silently: every removal is a number in the CleaningReport,
+which goes into the dataset manifest and onto the console.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from pipelines.sources import RawCorpus, RawSplit
+
+# IMDB reviews use "<br /><br />" between paragraphs; a few carry <i>, <b>, <a ...>.
+# Only tag-shaped text is removed, so "a < b and c > d" in a review survives.
+HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]{0,200})?/?>")
+# Zero-width and BOM characters that NFKC keeps but a tokenizer should never see.
+INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(raw: str) -> str:
+    """Markup out, entities decoded, unicode NFKC-normalised, whitespace collapsed."""
+    text = HTML_TAG.sub(" ", raw)
+    text = html.unescape(text)
+    text = unicodedata.normalize("NFKC", text)
+    text = INVISIBLE.sub("", text)
+    return WHITESPACE.sub(" ", text).strip()
+
+
+@dataclass
+class SplitReport:
+    rows_in: int = 0
+    markup_removed: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+    conflicting_label_dropped: int = 0
+    rows_out: int = 0
+
+
+@dataclass
+class CleaningReport:
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+    # Reviews present in both train and test (a known IMDB issue) leak test answers
+    # into training; they are removed from train only.
+    train_test_overlap_dropped: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = []
+        for name, report in self.splits.items():
+            lines.append(
+                f"{name}: {report.rows_in} in -> {report.rows_out} out "
+                f"(markup cleaned {report.markup_removed}, empty {report.empty_dropped}, "
+                f"duplicates {report.duplicates_dropped}, conflicting labels {report.conflicting_label_dropped})"
+            )
+        lines.append(f"train reviews also in test, dropped from train: {self.train_test_overlap_dropped}")
+        return "\n".join(lines)
+
+
+def _clean_split(raw: RawSplit, report: SplitReport) -> RawSplit:
+    cleaned = RawSplit()
+    report.rows_in = len(raw)
+    for text, label, origin in zip(raw.texts, raw.labels, raw.origins):
+        clean = clean_text(text)
+        if clean != WHITESPACE.sub(" ", text).strip():
+            report.markup_removed += 1
+        if not clean:
+            report.empty_dropped += 1
+            continue
+        cleaned.add(clean, label, origin)
+    return cleaned
+
+
+def _deduplicate(split: RawSplit, report: SplitReport) -> RawSplit:
+    """Keep the first copy of each text; drop every copy of a text seen with two labels."""
+    labels_of: dict[str, set[int]] = defaultdict(set)
+    for text, label in zip(split.texts, split.labels):
+        labels_of[text].add(label)
+    kept = RawSplit()
+    seen: set[str] = set()
+    for text, label, origin in zip(split.texts, split.labels, split.origins):
+        if len(labels_of[text]) > 1:
+            report.conflicting_label_dropped += 1
+            continue
+        if text in seen:
+            report.duplicates_dropped += 1
+            continue
+        seen.add(text)
+        kept.add(text, label, origin)
+    return kept
+
+
+def clean_corpus(raw: RawCorpus) -> tuple[RawCorpus, CleaningReport]:
+    """Clean every split, de-duplicate within each, then drop from train what test holds."""
+    report = CleaningReport()
+    cleaned: RawCorpus = {}
+    for name, split in raw.items():
+        split_report = report.splits.setdefault(name, SplitReport())
+        cleaned[name] = _deduplicate(_clean_split(split, split_report), split_report)
+    if "train" in cleaned and "test" in cleaned:
+        test_texts = set(cleaned["test"].texts)
+        train = RawSplit()
+        for text, label, origin in zip(cleaned["train"].texts, cleaned["train"].labels, cleaned["train"].origins):
+            if text in test_texts:
+                report.train_test_overlap_dropped += 1
+            else:
+                train.add(text, label, origin)
+        cleaned["train"] = train
+    for name, split in cleaned.items():
+        report.splits[name].rows_out = len(split)
+    return cleaned, report

@@ -1,0 +1,95 @@
+"""Typed settings -> command-line flags, and one way to report errors on the console.
+
+A settings dataclass declares each field with `help=` in its metadata; this module
+turns the fields into `--flags` (like transformers' HfArgumentParser), builds the
+dataclass back from the parsed namespace (so `__post_init__` validation runs),
+and runs an entry point so that a PlatformError prints one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from typing import Any, Callable, TypeVar
+
+from pipelines.errors import PlatformError
+
+T = TypeVar("T")
+EXIT_USER_ERROR = 2
+
+
+def field(default: Any, help: str, choices: typing.Sequence[Any] | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with the help text (and choices) that its --flag shows."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_cls: type) -> None:
+    """Add one --flag per field of `settings_cls`, typed from its annotation."""
+    hints = typing.get_type_hints(settings_cls)
+    group = parser.add_argument_group(settings_cls.__name__, (settings_cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(settings_cls):
+        if not f.init:
+            continue
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        options: dict[str, Any] = {"default": default, "dest": f.name, "help": f.metadata.get("help", "")}
+        if f.metadata.get("choices"):
+            options["choices"] = f.metadata["choices"]
+        base, is_optional = _unwrap_optional(kind)
+        if base is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) in (list, tuple):
+            item_type = typing.get_args(base)[0]
+            options.update(nargs="+", type=item_type)
+        else:
+            options["type"] = base
+        if options["help"] and "action" not in options:
+            options["help"] += " (default: %(default)s)"
+        group.add_argument(_flag(f.name), **options)
+
+
+def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
+    args = typing.get_args(kind)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return kind, False
+
+
+def from_namespace(settings_cls: type[T], namespace: argparse.Namespace) -> T:
+    """Build the dataclass from parsed flags, so its validation runs once, here."""
+    names = [f.name for f in dataclasses.fields(settings_cls) if f.init]
+    values = {name: getattr(namespace, name) for name in names if hasattr(namespace, name)}
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value) if _is_tuple_field(settings_cls, name) else value
+    return settings_cls(**values)
+
+
+def _is_tuple_field(settings_cls: type, name: str) -> bool:
+    base, _ = _unwrap_optional(typing.get_type_hints(settings_cls)[name])
+    return typing.get_origin(base) is tuple
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run an entry point: user errors print one line on stderr and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = main(argv)
+    except PlatformError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
