@@ -71,7 +71,7 @@ _TITLE_FIRST = [
 _TITLE_SECOND = [
     "Harbor", "Garden", "Highway", "Kingdom", "Letters", "River", "Station", "Summer",
     "Horizon", "Echoes", "Island", "Frontier", "Mirror", "Orchard", "Signal", "Tide",
-    "Carnival", "Lighthouse", "Empire", "Café",
+    "Carnival", "Lighthouse", "Empire", "Café", "Parade", "Witness",
 ]
 _AMP_TITLES = [
     "Love &amp; Thunder", "Salt &amp; Smoke", "Rock &amp; Roll Motel",
@@ -84,9 +84,11 @@ _GENRES = [
 ]
 _FIRST_NAMES = [
     "John", "Mary", "Robert", "Linda", "James", "Susan", "Michael", "Karen", "David",
-    "Helen", "Peter", "Anna", "Thomas", "Grace", "Henry", "Laura", "Zoë", "José",
-    "Renée", "Frank", "Diane", "Oscar", "Ruth", "Walter",
+    "Helen", "Peter", "Anna", "Thomas", "Grace", "Henry", "Laura", "Frank", "Diane",
+    "Oscar", "Ruth", "Walter",
 ]
+# Drawn now and then, so only some reviews contain non-ASCII names.
+_ACCENTED_FIRST_NAMES = ["Zoë", "José", "Renée", "Chloé", "Søren"]
 _LAST_NAMES = [
     "Walsh", "Harper", "Moreno", "Kowalski", "Bennett", "Fischer", "Okafor", "Reyes",
     "Lindqvist", "Dubois", "Carter", "Nakamura", "Brennan", "Ivanova", "Holt",
@@ -100,7 +102,7 @@ _OCCUPATIONS = [
     "retired detective", "young nurse", "struggling painter", "small-town sheriff",
     "factory worker", "schoolteacher", "jazz pianist", "former boxer", "journalist",
     "lawyer", "ship captain", "farmer", "college student", "waitress at a café",
-    "mechanic", "widowed father",
+    "mechanic", "night watchman",
 ]
 _PLACES = [
     "a fishing village in Maine", "Chicago", "a mining town in Nevada", "Paris",
@@ -117,7 +119,7 @@ _EVENTS = [
 _GOALS = [
     "find out what really happened", "keep the family together",
     "win back the farm", "clear their name", "get to the border before winter",
-    "protect a witness", "finish the last record", "decide whom to trust",
+    "protect a witness", "finish the last record", "work out whom to trust",
 ]
 _RELATIONS = [
     "an old flame", "a con artist", "a shy neighbor", "a runaway teenager",
@@ -139,7 +141,7 @@ _ASPECTS = [
 # --- neutral plot summary: no sentiment signal --------------------------------------
 _PLOT = [
     "The film follows {char}, a {occupation} living in {place}.",
-    "The story is set in {place} in {year}.",
+    "Most of the story is set in {place}.",
     "When {event}, {char} has to {goal}.",
     "Along the way {char} meets {char2}, {relation}.",
     "Meanwhile, {char2} {action}.",
@@ -334,12 +336,13 @@ _NEG_RATING_WEIGHTS = (0.40, 0.19, 0.20, 0.21)
 
 
 def _person(rng: random.Random) -> str:
-    return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+    first = rng.choice(_ACCENTED_FIRST_NAMES if rng.random() < 0.03 else _FIRST_NAMES)
+    return f"{first} {rng.choice(_LAST_NAMES)}"
 
 
 def _title(rng: random.Random) -> str:
     # A few titles carry an HTML entity, as scraped IMDB text does.
-    if rng.random() < 0.04:
+    if rng.random() < 0.02:
         return rng.choice(_AMP_TITLES)
     return f"{rng.choice(_TITLE_FIRST)} {rng.choice(_TITLE_SECOND)}"
 
@@ -394,6 +397,7 @@ def _opinion_template(rng: random.Random, lean: int, strength: float) -> str:
         return rng.choice(negated)
     r -= 0.10
     if r < 0.05:
+        # Sarcasm praises in order to pan, so it only appears in negative-leaning text.
         return rng.choice(_SARCASM) if not lean else rng.choice(_AMBIGUOUS)
     r -= 0.05
     if r < 0.08:
@@ -414,18 +418,24 @@ def _target_words(rng: random.Random) -> int:
     r = rng.random()
     if r < 0.03:
         return 0  # one or two sentences
-    if r < 0.045:
+    if r < 0.04:
         return rng.randrange(1050, 1500)
-    if r < 0.085:
+    if r < 0.08:
         return rng.randrange(600, 1050)
     return int(min(450, max(70, rng.lognormvariate(math.log(175), 0.42))))
 
 
-def _sentences_until(budget: int, make: Callable[[], str]) -> list[str]:
+def _sentences_until(budget: int, make: Callable[[], str], used: set[str]) -> list[str]:
+    """Sentences from `make` until `budget` words, avoiding repeats within one review."""
     out: list[str] = []
     words = 0
     while words < budget:
-        sentence = make()
+        # A few retries suffice; a rare repeat in a very long review is harmless.
+        for _ in range(5):
+            sentence = make()
+            if sentence not in used:
+                break
+        used.add(sentence)
         out.append(sentence)
         words += len(sentence.split())
     return out
@@ -457,17 +467,18 @@ def _paragraphs(rng: random.Random, lean: int, strength: float, rating_text: str
         return _fill(_opinion_template(rng, lean, strength), facts, rng)
 
     def plot_sentence() -> str:
-        pool = _PLOT_QUIRKY if rng.random() < 0.06 else _PLOT
+        pool = _PLOT_QUIRKY if rng.random() < 0.03 else _PLOT
         return _fill(rng.choice(pool), facts, rng)
 
     # Some reviews open neutrally and save the opinion for later.
     opening_pool = _NEUTRAL_OPENING if rng.random() < 0.35 else openings
     intro = [_fill(rng.choice(opening_pool), facts, rng)]
+    used = set(intro)
     plot_share = 0.65 if target > 500 else rng.uniform(0.25, 0.5)
     opinion_words = target * (1 - plot_share)
-    intro += _sentences_until(int(opinion_words * 0.3), opinion)
-    plot_sents = _sentences_until(int(target * plot_share), plot_sentence)
-    body = _sentences_until(int(opinion_words * 0.7), opinion)
+    intro += _sentences_until(int(opinion_words * 0.3), opinion, used)
+    plot_sents = _sentences_until(int(target * plot_share), plot_sentence, used)
+    body = _sentences_until(int(opinion_words * 0.7), opinion, used)
     ending = [_fill(rng.choice(verdicts), facts, rng)]
     if rating_text:
         ending.append(rating_text)

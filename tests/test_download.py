@@ -235,12 +235,14 @@ def test_truncation_is_caught_without_checksum(tmp_path: Path, server: FakeServe
 @pytest.mark.timeout(60)
 def test_server_ignoring_range_starts_over(tmp_path: Path, server: FakeServer) -> None:
     dest = tmp_path / "a.tar.gz"
-    # A junk .part: appending the 200 body to it would give a wrong file.
-    part_path(dest).write_bytes(b"x" * 1000)
+    # A junk .part longer than the file: appending the 200 body, or writing it
+    # over the start and leaving the tail, would both give a wrong file.
+    junk = len(server.body) + 500
+    part_path(dest).write_bytes(b"x" * junk)
     server.mode = "ignore-range"
     _get(server, dest)
     assert dest.read_bytes() == server.body
-    assert server.requests[0]["range"] == "bytes=1000-"
+    assert server.requests[0]["range"] == f"bytes={junk}-"
     assert server.requests[0]["status"] == 200
 
 
