@@ -15,8 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pipelines.sources import RawCorpus, RawSplit
 
 # IMDB reviews use "<br /><br />" between paragraphs; a few carry <i>, <b>, <a ...>.
-# Only tag-shaped text is removed, so "a < b and c > d" in a review survives.
-HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]{0,200})?/?>")
+# Only known tag names are removed, so "a < b and c > d" or "x<y and z>w" survive.
+HTML_TAG = re.compile(
+    r"</?(?:br|p|i|b|u|em|strong|a|hr|span|div|font|spoiler|sub|sup|li|ul|ol|h[1-6]|blockquote)"
+    r"(?:\s[^<>]{0,200})?\s*/?>",
+    re.IGNORECASE,
+)
 # Zero-width and BOM characters that NFKC keeps but a tokenizer should never see.
 INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 WHITESPACE = re.compile(r"\s+")

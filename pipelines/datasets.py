@@ -216,15 +216,17 @@ def load_manifest(reference: str, storage: str | None = None) -> Manifest:
 
     `imdb` -> <storage>/datasets/imdb/LATEST; `imdb/<version>` works too.
     """
-    if reference.endswith(MANIFEST_NAME):
-        reference = reference[: -len(MANIFEST_NAME)].rstrip("/") or "/"
+    if reference == MANIFEST_NAME or reference.endswith("/" + MANIFEST_NAME):
+        reference = reference[: -len(MANIFEST_NAME)].rstrip("/") or ("/" if reference.startswith("/") else ".")
     candidates: list[Location] = []
     location = resolve(reference)
     if location.exists():
         candidates.append(location)
-    elif storage is not None and "://" not in reference and not reference.startswith(("/", ".", "~")):
+    is_plain_name = "://" not in reference and not reference.startswith(("/", ".", "~"))
+    if storage is not None and is_plain_name:
+        # a dataset name: <storage>/datasets/<name>[/<version>], even if ./<name> exists
         candidates.append(resolve(storage).child("datasets", *reference.strip("/").split("/")))
-    else:
+    if not candidates:
         candidates.append(location)
     for folder in candidates:
         if folder.child(MANIFEST_NAME).exists():

@@ -40,5 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli_entry() -> None:
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    cli_entry()

@@ -101,6 +101,10 @@ def read_tarball(path: Path) -> RawCorpus:
                     continue
                 where = f"{path}:{member.name}"
                 corpus[match[1]].add(_decode(handle.read(), where), LABEL_FOLDERS[match[2]], where)
+            # tarfile stops at the end-of-archive marker, before gzip's trailer: read to
+            # the end so a flipped bit or a missing tail fails the CRC instead of passing
+            while archive.fileobj is not None and archive.fileobj.read(1 << 20):
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"corrupt or truncated archive ({type(exc).__name__}: {exc})", str(path)) from exc
     _require_all_folders(corpus, str(path))

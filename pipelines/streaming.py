@@ -12,10 +12,11 @@ fits next to the training workers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import ray
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext
 
 from pipelines.datasets import Manifest
 from pipelines.tokenization import GroupByLength, TokenizeBatch, TokenizerSettings
@@ -44,16 +45,35 @@ class DataResources:
         return cls()
 
 
+@contextmanager
+def _file_list_reader():
+    """Read Parquet through Ray Data's V1 datasource, which takes the file list as given.
+
+    ray 2.60's default V2 path adds a ListFiles operator whose tasks reserve a whole
+    CPU regardless of `num_cpus`; next to a 1-CPU Train worker on 2 cores that task
+    can never be scheduled and the run hangs. Our manifest already lists the files.
+    """
+    context = DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
+
+
 def read_split(manifest: Manifest, split: str, resources: DataResources = DataResources()) -> ray.data.Dataset:
     """The split's shards as a lazy Dataset of {"text", "label"} rows."""
     paths = manifest.split_uris(split)
-    return ray.data.read_parquet(
-        paths,
-        filesystem=manifest.filesystem,
-        num_cpus=resources.read_cpus,
-        # one block per shard: shards are already sized for streaming
-        override_num_blocks=len(paths),
-    ).select_columns(TEXT_COLUMNS)
+    with _file_list_reader():
+        return ray.data.read_parquet(
+            paths,
+            filesystem=manifest.filesystem,
+            columns=TEXT_COLUMNS,
+            num_cpus=resources.read_cpus,
+            # one block per shard: shards are already sized for streaming
+            override_num_blocks=len(paths),
+        )
 
 
 def tokenize(

@@ -1,0 +1,45 @@
+# The two commands in README.md:
+#   make train   set up .venv and run the main job on the embedded default
+#   make test    set up .venv and run the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU torch: on a machine without CUDA, torch is installed on its own, pinned, before
+# anything else, so that no dependency drags in the multi-GB CUDA build. Set
+# TORCH_INDEX_URL to PyTorch's CPU wheel index where PyPI's default build is CUDA.
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?=
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+
+.PHONY: setup train test test-fast bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(HAS_CUDA),)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+endif
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+train: setup
+	$(BIN)/python -m pipelines.train_imdb $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench: setup
+	$(BIN)/python bench/train_overhead.py
+
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

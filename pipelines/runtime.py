@@ -1,0 +1,80 @@
+"""Connect to a Ray cluster, or start a local one sized for the machine.
+
+One place decides the runtime environment every Ray worker gets (tokenizer
+threads off, offline hub flags passed through) and the object store size, so a
+container with a small /dev/shm does not fail at the first large block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Passed to every Ray worker: Rust tokenizers would otherwise start a thread pool
+# per actor and oversubscribe the CPUs that Ray already divides between actors.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# Passed through when set on the driver, so offline runs stay offline on workers.
+PASSTHROUGH_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "MLFLOW_TRACKING_URI",
+    "PLATFORM_STORAGE",
+    "PLATFORM_FAIL_AT_EPOCH",  # fault-injection switch used by the tests
+)
+MIN_OBJECT_STORE = 256 * 1024**2
+MAX_LOCAL_OBJECT_STORE = 4 * 1024**3
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    env.update({name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ})
+    return env
+
+
+def local_object_store_bytes() -> int:
+    """At most half of /dev/shm (containers often give 64 MB) and at most 4 GiB."""
+    try:
+        shm_free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return MIN_OBJECT_STORE
+    return int(max(MIN_OBJECT_STORE, min(shm_free // 2, MAX_LOCAL_OBJECT_STORE)))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS), else start a local Ray; no-op if already up."""
+    if ray.is_initialized():
+        return
+    os.environ.update(WORKER_ENV)
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=local_object_store_bytes(),
+        runtime_env=runtime_env,
+        include_dashboard=True,  # Tune frees stopped trials' placement groups through it
+        log_to_driver=True,
+    )
+    log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,139 @@
+"""MLflow tracking: where the store is, one run per training, and what goes into it.
+
+The embedded default is a SQLite store plus an artifact folder under the storage
+root. On a cluster, workers on other nodes cannot write a SQLite file on the
+head, so `MLFLOW_TRACKING_URI` (or --tracking-uri) points at the MLflow server
+that cluster.yaml starts. Only the driver and the Ray Train controller (both on
+the head node) talk to MLflow; workers never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+from pipelines.storage import is_remote, resolve
+
+log = logging.getLogger(__name__)
+LOCAL_STORE_DIR = "mlflow"
+
+
+def local_store(storage: str) -> tuple[str, str]:
+    """(tracking URI, artifact root) of the embedded SQLite store under a local storage root."""
+    root = Path(resolve(storage).path) / LOCAL_STORE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else the local store.
+
+    Returns (tracking URI, artifact root for new experiments or None for the server's own).
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    artifact_root = None
+    if not uri:
+        if is_remote(storage):
+            from pipelines.errors import ConfigError
+
+            raise ConfigError(
+                f"--storage {storage} is remote: set --tracking-uri or $MLFLOW_TRACKING_URI to an MLflow "
+                "server (a SQLite file cannot be shared between nodes)"
+            )
+        uri, artifact_root = local_store(storage)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri, artifact_root
+
+
+def ensure_experiment(name: str, artifact_root: str | None) -> str:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000  (then open http://127.0.0.1:5000)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags() -> dict[str, str]:
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "git_commit": git_commit(),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """MLflow params are flat strings of at most 6000 chars."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MlflowEpochLogger(UserCallback):
+    """Ray Train callback (runs in the Train controller): each report -> MLflow metrics at step=epoch.
+
+    Logged as each epoch ends, so the UI shows a live curve and an interrupted run
+    keeps what it learned.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if not metrics:
+            return
+        rank_zero = metrics[0]
+        step = int(rank_zero.get("epoch", 0))
+        values = {k: v for k, v in numeric_metrics(rank_zero).items() if not k.startswith("test/") and k != "epoch"}
+        try:
+            client = MlflowClient(self.tracking_uri)
+            for key, value in values.items():
+                client.log_metric(self.run_id, key, value, step=step)
+        except Exception as exc:  # a tracking outage must not kill training: the checkpoint holds the truth
+            log.warning("could not log epoch %s metrics to MLflow at %s: %s", step, self.tracking_uri, exc)
+        summary = " ".join(
+            f"{k}={rank_zero[k]:.4f}" for k in ("train/loss", "val/loss", "val/accuracy", "val/f1", "train/data_wait_fraction") if k in rank_zero
+        )
+        print(f"[epoch {step}] {summary} samples/s={rank_zero.get('train/samples_per_s', 0):.1f}", flush=True)

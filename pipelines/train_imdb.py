@@ -1,0 +1,42 @@
+"""`python -m pipelines.train_imdb`: fine-tune a classifier with Ray Train, tracked in MLflow.
+
+Examples:
+    python -m pipelines.train_imdb --data sample --epochs 1          # offline, 2 CPUs
+    python -m pipelines.train_imdb --num-workers 4 --use-gpu yes     # a GPU cluster (RAY_ADDRESS)
+    python -m pipelines.train_imdb --run-name imdb-... --resume      # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines import cli
+from pipelines.config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.train_imdb",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    cli.add_arguments(parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # flags are validated here, before Ray or MLflow start
+    config = cli.from_namespace(TrainConfig, build_parser().parse_args(argv))
+    from pipelines.fine_tune import run_training
+
+    run_training(config)
+    return 0
+
+
+def cli_entry() -> None:
+    cli.run_main(main)
+
+
+if __name__ == "__main__":
+    cli_entry()

@@ -1,0 +1,121 @@
+"""Tests for pipelines.cleaning: text normalisation and corpus de-duplication, with counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.cleaning import CleaningReport, clean_corpus, clean_text
+from pipelines.sources import RawSplit
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def split_of(*rows: tuple[str, int]) -> RawSplit:
+    split = RawSplit()
+    for i, (text, label) in enumerate(rows):
+        split.add(text, label, f"origin-{i}")
+    return split
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # IMDB's paragraph breaks and inline markup
+        ("Great movie.<br /><br />Loved it.", "Great movie. Loved it."),
+        ("Great<br/>movie<BR>again", "Great movie again"),
+        ('<i>Italic</i> and <b>bold</b> and <a href="http://x.y/z">a link</a>.', "Italic and bold and a link ."),
+        # comparison signs that are not tags survive
+        ("a < b and c > d", "a < b and c > d"),
+        ("I give it <3 and 5 > 4", "I give it <3 and 5 > 4"),
+        # entities decoded
+        ("Tom &amp; Jerry said &quot;hi&quot; &#39;twice&#39; &eacute;", "Tom & Jerry said \"hi\" 'twice' \u00e9"),
+        # NFKC: full-width letters and digits, ligatures, non-breaking spaces
+        ("\uff27\uff32\uff25\uff21\uff34 \uff46\uff49\uff4c\uff4d \uff11\uff10/\uff11\uff10", "GREAT film 10/10"),
+        ("a \ufb01ne \ufb02ick", "a fine flick"),
+        ("caf\u0065\u0301", "caf\u00e9"),
+        ("one\u00a0two\u3000three", "one two three"),
+        # zero-width characters and BOM vanish (inside words too)
+        ("\ufeffwon\u200bder\u200cful\u200d movie\u2060", "wonderful movie"),
+        # whitespace collapsed and stripped
+        ("  lots \t of\n\n\r\n   space  ", "lots of space"),
+        ("<br /><br />", ""),
+        ("\u200b \u200b", ""),
+    ],
+)
+def test_clean_text(raw: str, expected: str) -> None:
+    assert clean_text(raw) == expected
+
+
+def test_clean_text_is_idempotent() -> None:
+    raw = "<i>Caf\u00e9</i> &amp; \ufb01lm<br /><br />\uff21  \u200bend"
+    once = clean_text(raw)
+    assert clean_text(once) == once
+
+
+def test_clean_corpus_drops_and_counts_everything() -> None:
+    train = split_of(
+        ("A fine film.", 1),  # kept
+        ("A fine<br /><br />film.", 1),  # same text after cleaning: duplicate
+        ("A fine film.", 1),  # exact duplicate
+        ("<br /><br />", 0),  # empty after cleaning
+        ("   \u200b  ", 1),  # empty after cleaning
+        ("Mixed feelings.", 0),  # same text with two labels: every copy dropped
+        ("Mixed   feelings.", 1),
+        ("Mixed feelings.", 0),
+        ("Seen in test too.", 0),  # in test as well: removed from train only
+        ("Seen <i>in</i> test too.", 0),  # duplicate of the row above
+        ("Train only, negative.", 0),  # kept
+    )
+    test = split_of(
+        ("Seen in test too.", 0),  # kept in test
+        ("Test review &amp; more.", 1),  # kept, decoded
+        ("Test review & more.", 1),  # duplicate once decoded
+        ("", 0),  # empty
+    )
+    cleaned, report = clean_corpus({"train": train, "test": test})
+
+    assert isinstance(report, CleaningReport)
+    assert cleaned["train"].texts == ["A fine film.", "Train only, negative."]
+    assert cleaned["train"].labels == [1, 0]
+    # the first copy is the one kept, with its own origin
+    assert cleaned["train"].origins == ["origin-0", "origin-10"]
+    assert cleaned["test"].texts == ["Seen in test too.", "Test review & more."]
+    assert cleaned["test"].labels == [0, 1]
+
+    tr, te = report.splits["train"], report.splits["test"]
+    assert (tr.rows_in, tr.empty_dropped, tr.duplicates_dropped, tr.conflicting_label_dropped) == (11, 2, 3, 3)
+    assert report.train_test_overlap_dropped == 1
+    assert tr.rows_out == 2
+    assert (te.rows_in, te.empty_dropped, te.duplicates_dropped, te.conflicting_label_dropped, te.rows_out) == (4, 1, 1, 0, 2)
+    # nothing vanishes without a number: in = out + every counted drop
+    assert tr.rows_in == (
+        tr.rows_out + tr.empty_dropped + tr.duplicates_dropped + tr.conflicting_label_dropped
+        + report.train_test_overlap_dropped
+    )
+    assert te.rows_in == te.rows_out + te.empty_dropped + te.duplicates_dropped + te.conflicting_label_dropped
+
+    as_dict = report.as_dict()
+    assert as_dict["train_test_overlap_dropped"] == 1
+    assert as_dict["splits"]["train"]["duplicates_dropped"] == 3
+    summary = report.summary()
+    assert "train: 11 in -> 2 out" in summary
+    assert "dropped from train: 1" in summary
+
+
+def test_overlap_is_removed_from_train_not_test_even_with_other_markup() -> None:
+    train = split_of(("Same<br />review", 1), ("Other review", 0), ("Third review", 1))
+    test = split_of(("Same review", 1), ("Test neg", 0))
+    cleaned, report = clean_corpus({"train": train, "test": test})
+    assert "Same review" not in cleaned["train"].texts
+    assert "Same review" in cleaned["test"].texts
+    assert report.train_test_overlap_dropped == 1
+    assert report.splits["test"].rows_out == 2
+
+
+def test_clean_corpus_without_drops_keeps_order_and_labels() -> None:
+    rows = [(f"review number {i}", i % 2) for i in range(10)]
+    cleaned, report = clean_corpus({"train": split_of(*rows), "test": split_of(("a test", 0), ("b test", 1))})
+    assert cleaned["train"].texts == [t for t, _ in rows]
+    assert cleaned["train"].labels == [lab for _, lab in rows]
+    assert report.train_test_overlap_dropped == 0
+    assert report.splits["train"].rows_out == 10
