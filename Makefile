@@ -26,7 +26,7 @@ endif
 	touch $(STAMP)
 
 train: setup
-	$(BIN)/python -m pipelines.train_imdb $(ARGS)
+	$(BIN)/python -m pipelines.train_imdb --data sample --epochs 1 --max-length 128 --batch-size 16 $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

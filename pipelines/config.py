@@ -90,6 +90,7 @@ class TrainConfig:
     num_workers: int = field(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=USE_GPU_CHOICES)
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")
+    threads_per_worker: int | None = field(None, "torch intra-op threads per worker (default: --cpus-per-worker, at least 1)")
     max_failures: int = field(2, "worker failures tolerated; training resumes from the last checkpoint")
     max_steps_per_epoch: int | None = field(None, "cap on optimizer steps per epoch (smoke tests, benchmarks)")
     seed: int = field(42, "random seed (model init, shuffling)")
@@ -120,6 +121,8 @@ class TrainConfig:
             raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ConfigError(f"--threads-per-worker must be at least 1, got {self.threads_per_worker}")
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

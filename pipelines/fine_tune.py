@@ -122,7 +122,7 @@ def build_loop_config(config: TrainConfig, manifest: Manifest, model_path: str, 
         model_path=model_path,
         pad_token_id=pad_token_id,
         train_rows=manifest.splits["train"].rows,
-        num_threads=max(1, int(config.cpus_per_worker)),
+        num_threads=config.threads_per_worker or max(1, int(config.cpus_per_worker)),
     )
     return loop_config
 
@@ -208,15 +208,24 @@ def _start_mlflow_run(config: TrainConfig, run_name: str, experiment_id: str) ->
     return run.info.run_id
 
 
+def _root_causes(exc: Exception) -> list[BaseException]:
+    """The workers' own exceptions behind Ray Train's WorkerGroupError, else the error itself."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    return list(failures.values()) or [getattr(exc, "controller_failure", None) or exc]
+
+
 def _explain_failure(exc: Exception, config: TrainConfig) -> TrainingFailed:
-    text = f"{exc}"
+    causes = _root_causes(exc)
+    text = "\n".join(f"{type(cause).__name__}: {cause}" for cause in causes)
     if "out of memory" in text.lower() or "OutOfMemory" in type(exc).__name__ or "OutOfMemoryError" in text:
         return TrainingFailed(
             f"training ran out of memory (--batch-size {config.batch_size}, --max-length {config.max_length}): "
             "lower --max-length or --batch-size, or raise --grad-accum to keep the global batch"
         )
-    first_line = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return TrainingFailed(f"training failed after {config.max_failures} restart(s): {first_line}")
+    # a worker's traceback text ends with its exception line: that is the message to show
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), type(exc).__name__)
+    return TrainingFailed(f"training failed (restarts allowed: {config.max_failures}): {last}")
 
 
 def log_model(checkpoint_dir: str, model_path: str, config: TrainConfig):
@@ -248,7 +257,8 @@ def model_requirements() -> list[str]:
     return [f"torch=={torch_version}", *(f"{name}=={version(name)}" for name in ("transformers", "tokenizers", "safetensors"))]
 
 
-def run_training(config: TrainConfig) -> TrainingOutcome:
+def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> TrainingOutcome:
+    """Train, record and register; `loop_overrides` adds keys to the worker config (test hooks)."""
     manifest = resolve_dataset(config)
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)  # fails here, before Ray, if the model is wrong
@@ -272,7 +282,9 @@ def run_training(config: TrainConfig) -> TrainingOutcome:
     with console_log(log_dir / "console.log") as log_path:
         run_id = _start_mlflow_run(config, run_name, experiment_id)
         try:
-            outcome = _train_and_record(config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources)
+            outcome = _train_and_record(
+                config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources, loop_overrides or {}
+            )
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
@@ -284,7 +296,9 @@ def run_training(config: TrainConfig) -> TrainingOutcome:
     return outcome
 
 
-def _train_and_record(config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources) -> TrainingOutcome:
+def _train_and_record(
+    config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources, loop_overrides
+) -> TrainingOutcome:
     if not config.resume:
         mlflow.log_params(tracking.flat_params({**asdict(config), "model_path": model_path, "use_gpu_resolved": use_gpu, "data_resources": data_resources.as_dict()}))
     mlflow.set_tags(
@@ -296,7 +310,7 @@ def _train_and_record(config, manifest, model_path, tokenizer, run_name, run_id,
             "ray_run_name": run_name,
         }
     )
-    loop_config = build_loop_config(config, manifest, model_path, tokenizer.pad_token_id)
+    loop_config = {**build_loop_config(config, manifest, model_path, tokenizer.pad_token_id), **loop_overrides}
     callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id)]
     trainer = build_trainer(loop_config, datasets, config, use_gpu, ray_run_config(config, run_name, callbacks))
     try:

@@ -46,6 +46,10 @@ class EpochTotals:
     padded_tokens: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
+    # the first batch carries the pipeline's start-up; steady-state rates leave it out
+    first_batch_wait_s: float = 0.0
+    first_batch_compute_s: float = 0.0
+    first_batch_rows: int = 0
 
 
 def steps_per_epoch(config: dict, world_size: int) -> int:
@@ -103,11 +107,12 @@ def train_one_epoch(model, optimizer, scheduler, shard, config: dict, device, wo
     batches = shard.iter_torch_batches(batch_size=micro_batch, collate_fn=collate, prefetch_batches=config.get("prefetch_batches", 2))
     ready = time.perf_counter()
     for batch in batches:
+        if totals.optimizer_steps >= max_steps:
+            continue  # drain, unmeasured: every worker must consume its whole shard each epoch
         fetched = time.perf_counter()
         totals.data_wait_s += fetched - ready
-        if totals.optimizer_steps >= max_steps:
-            ready = time.perf_counter()
-            continue  # drain: every worker must consume its whole shard each epoch
+        if totals.micro_batches == 0:
+            totals.first_batch_wait_s = fetched - ready  # pipeline start-up: actors, tokenizer load
         boundary = (totals.micro_batches + 1) % accum == 0
         # DDP all-reduces gradients on every backward; skip it until the last micro-batch
         sync = model.no_sync() if (world_size > 1 and not boundary and hasattr(model, "no_sync")) else nullcontext()
@@ -134,6 +139,8 @@ def train_one_epoch(model, optimizer, scheduler, shard, config: dict, device, wo
         totals.padded_tokens += batch["attention_mask"].numel()
         ready = time.perf_counter()
         totals.compute_s += ready - fetched
+        if totals.micro_batches == 1:
+            totals.first_batch_compute_s, totals.first_batch_rows = ready - fetched, rows
         if is_rank_zero and ready - last_print > PROGRESS_EVERY_S:
             last_print = ready
             print(
@@ -191,12 +198,17 @@ def metrics_from_counts(counts: list[float]) -> dict:
 
 def epoch_metrics(totals: EpochTotals, world_size: int, lr: float) -> dict:
     elapsed = max(totals.data_wait_s + totals.compute_s, 1e-9)
+    steady_elapsed = max(elapsed - totals.first_batch_wait_s - totals.first_batch_compute_s, 1e-9)
+    steady_samples = totals.samples - totals.first_batch_rows
     return {
         "train/loss": totals.loss_sum / max(totals.samples, 1),
         # rank 0's own rate times the workers: shards are equal, steps are in lockstep
         "train/samples_per_s": totals.samples * world_size / elapsed,
         "train/tokens_per_s": totals.real_tokens * world_size / elapsed,
         "train/data_wait_fraction": totals.data_wait_s / elapsed,
+        "train/steady_samples_per_s": steady_samples * world_size / steady_elapsed,
+        "train/steady_data_wait_fraction": (totals.data_wait_s - totals.first_batch_wait_s) / steady_elapsed,
+        "train/startup_wait_s": totals.first_batch_wait_s,
         "train/padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
         "train/optimizer_steps": totals.optimizer_steps,
         "train/epoch_seconds": elapsed,

@@ -1,0 +1,262 @@
+"""The training job for real: local Ray, Ray Data, Ray Train, a SQLite MLflow store.
+
+A tiny random BERT (tests/conftest.py) keeps each run around a minute on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import registry
+from pipelines.config import TrainConfig
+from pipelines.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
+    settings = dict(
+        data=manifest.root.uri,
+        model=model,
+        epochs=2,
+        batch_size=16,
+        eval_batch_size=64,
+        lr=1e-3,
+        max_length=64,
+        storage=str(storage),
+        register_as="tiny-imdb",
+        experiment="tests",
+        max_failures=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
+    """One real training run shared by the assertions below (it is the slow part)."""
+    from pipelines.fine_tune import run_training
+
+    storage = tmp_path_factory.mktemp("train-storage")
+    config = tiny_config(sample_manifest, storage, tiny_model_dir)
+    return config, run_training(config)
+
+
+@pytest.mark.timeout(600)
+def test_training_learns_and_reports_every_epoch(first_run, sample_manifest):
+    config, outcome = first_run
+    client = MlflowClient(outcome.tracking_uri)
+    losses = client.get_metric_history(outcome.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2]
+    assert losses[1].value < losses[0].value, "training loss must fall from epoch 1 to epoch 2"
+    assert outcome.metrics["test/accuracy"] > 0.7, "the sample corpus has a learnable signal"
+    # every test and val row evaluated exactly once
+    assert outcome.metrics["test/rows"] == sample_manifest.splits["test"].rows
+    assert outcome.metrics["val/rows"] == sample_manifest.splits["val"].rows
+    for key in ("train/samples_per_s", "train/tokens_per_s", "train/data_wait_fraction", "val/accuracy", "val/f1"):
+        assert client.get_metric_history(outcome.run_id, key), f"{key} missing from MLflow"
+    wait = client.get_metric_history(outcome.run_id, "train/data_wait_fraction")[0].value
+    assert 0.0 <= wait <= 1.0
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
+    config, outcome = first_run
+    run = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == str(config.lr)
+    assert run.data.params["batch_size"] == "16"
+    assert run.data.params["truncation"] == "head_tail"
+    tags = run.data.tags
+    assert tags["dataset_content_hash"] == sample_manifest.content_hash
+    for tag in ("git_commit", "ray_version", "torch_version", "transformers_version"):
+        assert tags[tag]
+    assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.metrics["test/accuracy"])
+    artifacts = {a.path for a in MlflowClient(outcome.tracking_uri).list_artifacts(outcome.run_id)}
+    assert {"confusion_matrix.json", "console.log", "dataset_manifest.json"} <= artifacts
+    confusion = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="confusion_matrix.json", tracking_uri=outcome.tracking_uri)).read_text())
+    assert sum(sum(row) for row in confusion["matrix"]) == outcome.metrics["test/rows"]
+
+
+@pytest.mark.timeout(600)
+def test_model_is_registered_promoted_and_loadable(first_run):
+    config, outcome = first_run
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri)
+    champion = client.get_model_version_by_alias(config.register_as, registry.CHAMPION)
+    assert champion.version == outcome.registered_version
+    assert champion.tags["gate.decision"] == "promoted"
+    assert float(champion.tags[registry.ACCURACY_TAG]) == pytest.approx(outcome.metrics["test/accuracy"], abs=1e-6)
+    import mlflow.transformers
+
+    components = mlflow.transformers.load_model(f"models:/{config.register_as}@champion", return_type="components")
+    encoded = components["tokenizer"](["a wonderful film"], return_tensors="pt")
+    with torch.inference_mode():
+        logits = components["model"](**encoded).logits
+    assert logits.shape == (1, 2)
+
+
+@pytest.mark.timeout(600)
+def test_gate_keeps_the_better_champion(first_run, sample_manifest, tiny_model_dir):
+    """A nearly untrained model arrives after a good one: registered, but not promoted."""
+    from pipelines.fine_tune import run_training
+
+    config, first = first_run
+    worse = run_training(
+        tiny_config(sample_manifest, config.storage, tiny_model_dir, epochs=1, lr=1e-7, max_steps_per_epoch=1)
+    )
+    assert worse.metrics["test/accuracy"] < first.metrics["test/accuracy"]
+    client = MlflowClient(first.tracking_uri)
+    assert worse.registered_version != first.registered_version
+    assert client.get_model_version_by_alias(config.register_as, registry.CHAMPION).version == first.registered_version
+    version = client.get_model_version(config.register_as, worse.registered_version)
+    assert version.tags["gate.decision"] == "kept_champion"
+    assert version.tags["gate.champion_version"] == first.registered_version
+    assert float(version.tags["gate.champion_accuracy"]) == pytest.approx(first.metrics["test/accuracy"], abs=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_worker_failure_resumes_from_checkpoint(ray_session, sample_manifest, tmp_path, tiny_model_dir):
+    """A worker crashes at the start of epoch 2; Ray restarts it, and it resumes from epoch 1's checkpoint."""
+    from pipelines.fine_tune import run_training
+
+    marker = tmp_path / "fault-injected"
+    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=3, register_as="fault-imdb")
+    outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
+    assert marker.exists(), "the failure was never injected"
+    assert outcome.metrics["epochs_trained"] == "1,2,3", "every epoch trained exactly once"
+    steps = [m.step for m in MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, "train/loss")]
+    assert steps == [1, 2, 3]
+    assert outcome.registered_version is not None
+
+
+def test_registry_decisions():
+    class Version:
+        def __init__(self, version, accuracy=None, dataset="d1"):
+            self.version = version
+            self.tags = {registry.DATASET_TAG: dataset}
+            if accuracy is not None:
+                self.tags[registry.ACCURACY_TAG] = str(accuracy)
+
+    assert registry.decide("auto", 0.8, "d1", None).promote
+    assert not registry.decide("never", 0.8, "d1", None).promote
+    assert registry.decide("auto", 0.8, "d1", Version("1", 0.8)).promote, "a tie promotes (at least as good)"
+    assert not registry.decide("auto", 0.79, "d1", Version("1", 0.8)).promote
+    assert registry.decide("always", 0.1, "d1", Version("1", 0.8)).promote
+    assert not registry.decide("never", 0.99, "d1", Version("1", 0.8)).promote
+    different = registry.decide("auto", 0.99, "d2", Version("1", 0.8, dataset="d1"))
+    assert not different.promote and "not comparable" in different.reason
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "10", "--num-workers", "3"], "multiple of"),
+        (["--resume"], "--run-name"),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_bad_flags_exit_with_one_line(flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.train_imdb", *flags], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_unknown_data_and_model_paths_fail_before_training(tmp_path, sample_manifest):
+    from pipelines.fine_tune import resolve_dataset
+    from pipelines.model import resolve_model_path
+
+    with pytest.raises(DataError, match="prepare_imdb"):
+        resolve_dataset(TrainConfig(data=str(tmp_path / "nowhere"), storage=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--model"):
+        resolve_model_path(str(tmp_path / "no-model"))
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="config.json"):
+        resolve_model_path(str(empty))
+
+
+@pytest.mark.timeout(120)
+def test_imdb_offline_names_the_way_out(tmp_path, monkeypatch):
+    """--data imdb with nothing prepared and no network: the message says what to do."""
+    import socket
+
+    from pipelines import config as config_module
+    from pipelines.fine_tune import resolve_dataset
+
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setitem(config_module.SOURCE_ALIASES, "imdb", f"http://127.0.0.1:{port}/aclImdb_v1.tar.gz")
+    with pytest.raises(DataError) as error:
+        resolve_dataset(TrainConfig(data="imdb", storage=str(tmp_path)))
+    assert "--data sample" in str(error.value) and "prepare_imdb --source" in str(error.value)
+
+
+@pytest.mark.timeout(120)
+def test_more_workers_than_the_cluster_holds(ray_session):
+    from pipelines.fine_tune import plan_resources
+
+    with pytest.raises(ConfigError, match="CPUs"):
+        plan_resources(TrainConfig(num_workers=4, batch_size=32))
+    with pytest.raises(ConfigError, match="GPUs"):
+        plan_resources(TrainConfig(use_gpu="yes"))
+
+
+def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):
+    """The loop's optimizer pieces alone, without Ray: loss falls over a few steps."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipelines.model import load_classifier
+    from pipelines.training import build_optimizer
+
+    torch.manual_seed(0)
+    model = load_classifier(tiny_model_dir)
+    optimizer = build_optimizer(model, lr=3e-3, weight_decay=0.01)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 2, 30)
+    ids = torch.randint(1000, 2000, (8, 16))
+    labels = torch.tensor([0, 1] * 4)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all(id(p) not in decayed for n, p in model.named_parameters() if "LayerNorm" in n or n.endswith("bias"))
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path, tiny_model_dir):
+    """No restarts allowed: the crash ends the run; `--run-name NAME --resume` finishes it, same MLflow run."""
+    from pipelines.fine_tune import TrainingFailed, run_training
+
+    storage = tmp_path / "storage"
+    marker = tmp_path / "fault-injected"
+    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, max_failures=0, run_name="resume-me", register_as="resume-imdb")
+    with pytest.raises(TrainingFailed, match="injected failure"):
+        run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(config)  # the same name again without --resume is refused, not silently resumed
+    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, run_name="resume-me", resume=True, register_as="resume-imdb"))
+    assert resumed.metrics["epochs_trained"] == "1,2"
+    client = MlflowClient(resumed.tracking_uri)
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2]
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
