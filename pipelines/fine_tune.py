@@ -37,6 +37,9 @@ from pipelines.training import train_loop_per_worker
 log = logging.getLogger(__name__)
 SAMPLE_DATASET = "sample"
 RUN_ID_FILE = "mlflow_run_id"
+# CPUs left free for Ray Data next to the Train workers (tokenizer actors, reads): three
+# splits' actors at 0.25 + reads at 0.1; without them the run hangs in backpressure.
+DATA_CPU_RESERVE = 0.6
 INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
 
 
@@ -87,12 +90,10 @@ def plan_resources(config: TrainConfig) -> tuple[bool, DataResources]:
     if use_gpu and gpus < config.num_workers:
         raise ConfigError(f"--use-gpu yes with --num-workers {config.num_workers}, but the cluster has {gpus:g} GPUs")
     needed = config.num_workers * config.cpus_per_worker
-    # Data operators need a little CPU too; without it the run hangs in backpressure.
-    data_reserve = 0.6
-    if needed + data_reserve > cpus + 1e-9:
+    if needed + DATA_CPU_RESERVE > cpus + 1e-9:
         raise ConfigError(
             f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} = {needed:g} CPUs, "
-            f"but the cluster has {cpus:g} and the data pipeline needs ~{data_reserve} more: lower one of them"
+            f"but the cluster has {cpus:g} and the data pipeline needs ~{DATA_CPU_RESERVE} more: lower one of them"
         )
     return use_gpu, DataResources.for_cluster(cpus - needed)
 

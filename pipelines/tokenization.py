@@ -144,7 +144,7 @@ class PadCollate(NumpyBatchCollateFn):
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "labels": torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)),
+            "labels": torch.from_numpy(np.array(batch["label"], dtype=np.int64)),  # a copy: Ray hands read-only arrays
         }
 
 

@@ -1,0 +1,413 @@
+"""A learning-rate x batch-size sweep: Ray Tune runs the platform's Ray Train job as each trial.
+
+The pattern ray 2.60 recommends for Train V2: the Tune trial is a small driver
+function that builds the same TorchTrainer as `pipelines.train_imdb` (same worker
+loop, same data pipeline) with a `TuneReportCallback`, so ASHA sees each epoch's
+validation accuracy and stops trailing trials. MLflow gets a parent run for the
+sweep and a child run per trial; the best finished trial is registered and passes
+the same champion gate as a training run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.train import Checkpoint, FailureConfig, RunConfig
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipelines import fine_tune, registry, runtime, tracking
+from pipelines.datasets import Manifest, load_manifest
+from pipelines.errors import ConfigError, PlatformError
+from pipelines.model import resolve_model_path
+from pipelines.storage import resolve
+from pipelines.streaming import DataResources, tokenized_splits
+from pipelines.tokenization import TokenizerSettings, load_tokenizer
+from tune.settings import SweepConfig
+
+log = logging.getLogger(__name__)
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRIAL_TAG = "tune_trial_id"
+
+
+class SweepFailed(PlatformError):
+    """The sweep ended without a trial that can be registered."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its sampled values (shipped once via with_parameters)."""
+
+    sweep: dict
+    dataset_uri: str
+    model_path: str
+    pad_token_id: int
+    train_rows: int
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    use_gpu: bool
+    data_resources: dict
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    parent_run_id: str
+    sweep_name: str
+    trials: list[dict]
+    best: dict | None
+    registered_version: str | None
+    gate: registry.GateDecision | None
+    tracking_uri: str
+
+
+# --- the search -----------------------------------------------------------------------
+
+def lr_grid(config: SweepConfig) -> list[float]:
+    if config.lr_grid_points == 1 or config.lr_min == config.lr_max:
+        return [config.lr_min]
+    ratio = (config.lr_max / config.lr_min) ** (1 / (config.lr_grid_points - 1))
+    return [config.lr_min * ratio**i for i in range(config.lr_grid_points)]
+
+
+def search_space(config: SweepConfig) -> dict:
+    if config.search == "grid":
+        return {"lr": tune.grid_search(lr_grid(config)), "batch_size": tune.grid_search(list(config.batch_sizes))}
+    return {"lr": tune.loguniform(config.lr_min, config.lr_max), "batch_size": tune.choice(list(config.batch_sizes))}
+
+
+def search_algorithm(config: SweepConfig):
+    if config.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=config.seed)  # metric/mode come from TuneConfig (not both)
+    return BasicVariantGenerator(random_state=config.seed)
+
+
+def trial_scheduler(config: SweepConfig):
+    if config.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",  # one report per epoch
+            max_t=config.epochs,
+            grace_period=config.grace_period,
+            reduction_factor=config.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def trials_planned(config: SweepConfig) -> int:
+    if config.search == "grid":
+        return len(lr_grid(config)) * len(config.batch_sizes) * config.num_samples
+    return config.num_samples
+
+
+def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
+    """Trials at once that fit the cluster; an explicit --max-concurrent beyond that is an error."""
+    cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
+    per_trial_cpus = config.num_workers * config.cpus_per_worker + fine_tune.DATA_CPU_RESERVE
+    fits = int(cpus // per_trial_cpus)
+    if use_gpu:
+        fits = min(fits, int(gpus // config.num_workers))
+    if fits < 1:
+        raise ConfigError(
+            f"one trial needs {per_trial_cpus:g} CPUs ({config.num_workers} worker(s) x {config.cpus_per_worker:g} "
+            f"+ {fine_tune.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
+        )
+    if config.max_concurrent is not None and config.max_concurrent > fits:
+        raise ConfigError(
+            f"--max-concurrent {config.max_concurrent} trials need {config.max_concurrent * per_trial_cpus:g} CPUs"
+            f"{f' and {config.max_concurrent * config.num_workers} GPUs' if use_gpu else ''}; "
+            f"the cluster holds {fits} at once ({cpus:g} CPUs, {gpus:g} GPUs)"
+        )
+    return config.max_concurrent or fits
+
+
+def check_batch_sizes(config: SweepConfig, train_rows: int) -> None:
+    per_worker_rows = train_rows // config.num_workers
+    too_big = [b for b in config.batch_sizes if b // config.num_workers > per_worker_rows]
+    if too_big:
+        raise ConfigError(
+            f"--batch-sizes {too_big} exceed the {train_rows} training rows "
+            f"({per_worker_rows} per worker): not one full batch per epoch"
+        )
+
+
+# --- one trial (runs inside Tune) -----------------------------------------------------
+
+def _child_run(client: MlflowClient, context: SweepContext, trial_id: str) -> str:
+    """This trial's MLflow run, nested under the sweep's (found again after a resume)."""
+    existing = client.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
+    )
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(
+        context.experiment_id,
+        run_name=f"{context.sweep_name}-{trial_id}",
+        tags={"mlflow.parentRunId": context.parent_run_id, TRIAL_TAG: trial_id, "sweep": context.sweep_name},
+    )
+    return run.info.run_id
+
+
+def run_trial(sampled: dict, context: SweepContext) -> None:
+    """Tune trainable: one fine-tuning run with the sampled lr and batch size."""
+    sweep = SweepConfig(**{**context.sweep, "batch_sizes": tuple(context.sweep["batch_sizes"])})
+    trial_id = tune.get_context().get_trial_id()
+    config = sweep.trial_config(float(sampled["lr"]), int(sampled["batch_size"]), f"train-{trial_id}", context.dataset_uri)
+    client = MlflowClient(context.tracking_uri)
+    run_id = _child_run(client, context, trial_id)
+    for key, value in {"lr": config.lr, "batch_size": config.batch_size, "epochs": config.epochs,
+                       "max_length": config.max_length, "max_steps_per_epoch": config.max_steps_per_epoch}.items():
+        try:
+            client.log_param(run_id, key, str(value))
+        except Exception:  # already logged before a resume
+            pass
+    manifest = load_manifest(context.dataset_uri)
+    datasets = tokenized_splits(
+        manifest,
+        TokenizerSettings(context.model_path, config.max_length, config.truncation),
+        resources=DataResources(**context.data_resources),
+        group_by_length_batch_size=config.per_worker_batch_size,
+    )
+    loop_config = {
+        **fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id),
+    }
+    run_config = RunConfig(
+        name=config.run_name,
+        storage_path=resolve(sweep.storage).child("tune_results", context.sweep_name, "train").uri,
+        failure_config=FailureConfig(max_failures=0),
+        callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(context.tracking_uri, run_id)],
+    )
+    fine_tune.build_trainer(loop_config, datasets, config, context.use_gpu, run_config).fit()
+    client.set_terminated(run_id, "FINISHED")
+
+
+# --- the sweep (driver) ---------------------------------------------------------------
+
+def _parent_marker(config: SweepConfig, sweep_name: str):
+    return resolve(config.storage).child("tune_results", sweep_name, PARENT_RUN_FILE)
+
+
+def _start_parent_run(config: SweepConfig, sweep_name: str, experiment_id: str) -> str:
+    marker = _parent_marker(config, sweep_name)
+    if config.resume:
+        if not marker.exists():
+            raise ConfigError(f"--resume: no sweep named {sweep_name!r} under {config.storage}/tune_results")
+        run_id = marker.read_text().strip()
+        mlflow.start_run(run_id=run_id)
+        return run_id
+    if marker.exists():
+        raise ConfigError(f"--sweep-name {sweep_name!r} exists already; pass --resume to continue it, or pick a new name")
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=sweep_name)
+    resolve(config.storage).child("tune_results", sweep_name).makedirs()
+    marker.write_text(run.info.run_id + "\n")
+    return run.info.run_id
+
+
+def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_name: str) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context),
+        # the trial function only drives: its Train workers hold the CPUs/GPUs
+        {"cpu": 0},
+    )
+    sweep_path = resolve(config.storage).child("tune_results", sweep_name)
+    if config.resume and tune.Tuner.can_restore(sweep_path.uri):
+        return tune.Tuner.restore(sweep_path.uri, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            scheduler=trial_scheduler(config),
+            search_alg=search_algorithm(config),
+            num_samples=config.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(name=sweep_name, storage_path=resolve(config.storage).child("tune_results").uri),
+    )
+
+
+def summarize(result_grid, config: SweepConfig) -> list[dict]:
+    """One row per trial: its values, how far it got, its metrics, and why it ended."""
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        epochs_run = int(metrics.get("training_iteration", 0))
+        if result.error:
+            status = "error"
+        elif "test/accuracy" in metrics:
+            status = "completed"
+        else:
+            status = "stopped_early"
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(result.path).name,
+                "lr": result.config.get("lr"),
+                "batch_size": result.config.get("batch_size"),
+                "epochs_run": epochs_run,
+                "val_accuracy": metrics.get("val/accuracy"),
+                "val_loss": metrics.get("val/loss"),
+                "test_accuracy": metrics.get("test/accuracy"),
+                "score": metrics.get(config.metric),
+                "status": status,
+                "checkpoint_path": metrics.get(CHECKPOINT_PATH_KEY),
+            }
+        )
+    sign = -1 if config.mode == "max" else 1
+    return sorted(rows, key=lambda row: (row["score"] is None, sign * (row["score"] or 0)))
+
+
+def results_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["trial_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_accuracy_vs_lr(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for batch_size in sorted({row["batch_size"] for row in rows}):
+        points = sorted((row["lr"], row["val_accuracy"], row["status"]) for row in rows if row["batch_size"] == batch_size and row["val_accuracy"] is not None)
+        if not points:
+            continue
+        line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"batch {batch_size}")[0]
+        stopped = [p for p in points if p[2] != "completed"]
+        axes.scatter([p[0] for p in stopped], [p[1] for p in stopped], marker="x", s=80, color=line.get_color())
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("validation accuracy (last epoch run)")
+    axes.set_title("sweep: validation accuracy vs learning rate (x = stopped early)")
+    axes.legend()
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _close_child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, rows: list[dict]) -> None:
+    """Stopped trials were killed mid-run: close their MLflow runs with the reason."""
+    status_of = {row["trial_id"]: row["status"] for row in rows}
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+        status = status_of.get(run.data.tags.get(TRIAL_TAG))
+        if status is None:
+            continue
+        client.set_tag(run.info.run_id, "tune.status", status)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED" if status == "stopped_early" else "FAILED")
+
+
+def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifest, best: dict, client: MlflowClient):
+    child_runs = client.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.{TRIAL_TAG} = '{best['trial_id']}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
+    )
+    train_config = config.trial_config(best["lr"], best["batch_size"], f"train-{best['trial_id']}", context.dataset_uri)
+    with mlflow.start_run(run_id=child_runs[0].info.run_id, nested=True):
+        mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
+        mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
+        with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
+            model_info = fine_tune.log_model(folder, context.model_path, train_config)
+    version = str(model_info.registered_model_version)
+    decision = registry.apply_gate(client, config.register_as, version, config.promote, float(best["test_accuracy"]), manifest.content_hash)
+    return version, decision
+
+
+def run_sweep(config: SweepConfig) -> SweepOutcome:
+    manifest = fine_tune.resolve_dataset(config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data))
+    check_batch_sizes(config, manifest.splits["train"].rows)
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
+    experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
+
+    runtime.init_ray(config.ray_address)
+    use_gpu, data_resources = fine_tune.plan_resources(config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data))
+    concurrency = plan_concurrency(config, use_gpu)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    sweep_name = config.sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    parent_run_id = _start_parent_run(config, sweep_name, experiment_id)
+    try:
+        if not config.resume:
+            mlflow.log_params(tracking.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
+            mlflow.log_dict(
+                {"lr": {"min": config.lr_min, "max": config.lr_max, "distribution": "grid" if config.search == "grid" else "log-uniform",
+                        **({"grid": lr_grid(config)} if config.search == "grid" else {})},
+                 "batch_size": list(config.batch_sizes), "search": config.search, "scheduler": config.scheduler},
+                "search_space.json",
+            )
+        mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
+        context = SweepContext(
+            sweep=config.as_dict(), dataset_uri=manifest.root.uri, model_path=model_path,
+            pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
+            experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
+            data_resources=data_resources.as_dict(),
+        )
+        result_grid = _tuner(config, context, concurrency, sweep_name).fit()
+        rows = summarize(result_grid, config)
+        client = MlflowClient(tracking_uri)
+        _close_child_runs(client, experiment_id, parent_run_id, rows)
+        _log_sweep_artifacts(rows)
+        finished = [row for row in rows if row["status"] == "completed" and row["test_accuracy"] is not None]
+        if not finished:
+            raise SweepFailed(f"no trial of sweep {sweep_name} finished; see the trials table in MLflow run {parent_run_id}")
+        best = finished[0]  # rows are sorted best first by --metric
+        mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "best/test_accuracy": best["test_accuracy"], "best/lr": best["lr"],
+                            "best/batch_size": best["batch_size"], "trial_epochs_used": sum(r["epochs_run"] for r in rows),
+                            "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
+        mlflow.set_tag("best_trial", best["trial_id"])
+        version, decision = _register_best(config, context, manifest, best, client)
+        mlflow.set_tags({"registered_model": config.register_as, "registered_version": version})
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+    outcome = SweepOutcome(parent_run_id, sweep_name, rows, best, version, decision, tracking_uri)
+    print_summary(outcome, config)
+    return outcome
+
+
+def _log_sweep_artifacts(rows: list[dict]) -> None:
+    mlflow.log_text(results_csv(rows), "trials.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(tmp) / "val_accuracy_vs_lr.png"
+        plot_accuracy_vs_lr(rows, plot)
+        mlflow.log_artifact(str(plot))
+
+
+def print_summary(outcome: SweepOutcome, config: SweepConfig) -> None:
+    lines = ["", f"=== sweep {outcome.sweep_name} finished: {len(outcome.trials)} trials ==="]
+    lines.append(f"{'trial':<18}{'lr':>10}{'batch':>7}{'epochs':>8}{'val acc':>9}  status")
+    for row in outcome.trials:
+        acc = f"{row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "-"
+        lines.append(f"{row['trial_id']:<18}{row['lr']:>10.2e}{row['batch_size']:>7}{row['epochs_run']:>8}{acc:>9}  {row['status']}")
+    best = outcome.best
+    lines.append(f"best: {best['trial_id']} lr={best['lr']:.2e} batch={best['batch_size']} val acc {best['val_accuracy']:.4f} test acc {best['test_accuracy']:.4f}")
+    if outcome.registered_version:
+        verdict = "promoted to @champion" if outcome.gate and outcome.gate.promote else "not promoted; @champion unchanged"
+        lines.append(f"registered: models:/{config.register_as}/{outcome.registered_version} ({verdict}: {outcome.gate.reason if outcome.gate else ''})")
+    lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.experiment!r}); UI: {tracking.ui_command(outcome.tracking_uri)}")
+    print("\n".join(lines), flush=True)
+    log.debug("trials: %s", json.dumps(outcome.trials, default=str))
