@@ -29,6 +29,20 @@ def field(default: Any, help: str, choices: typing.Sequence[Any] | None = None, 
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def build_parser(prog: str, doc: str, *settings_classes: type) -> argparse.ArgumentParser:
+    """An entry point's parser: first doc line as description, the rest (examples) as epilog."""
+    lines = doc.strip().splitlines()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=lines[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(lines[2:]),
+    )
+    for settings_cls in settings_classes:
+        add_arguments(parser, settings_cls)
+    return parser
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -195,18 +195,10 @@ def _run_id_marker(config: TrainConfig, run_name: str):
 
 def _start_mlflow_run(config: TrainConfig, run_name: str, experiment_id: str) -> str:
     """A new MLflow run, or on --resume the one the interrupted run started."""
-    marker = _run_id_marker(config, run_name)
-    if config.resume:
-        if not marker.exists():
-            raise ConfigError(f"--resume: no run named {run_name!r} under {config.storage}/ray_results")
-        run_id = marker.read_text().strip()
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
-        return run_id
-    if marker.exists():
-        raise ConfigError(f"--run-name {run_name!r} exists already; pass --resume to continue it, or pick a new name")
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, log_system_metrics=True)
-    marker.write_text(run.info.run_id + "\n")
-    return run.info.run_id
+    return tracking.start_or_resume_run(
+        _run_id_marker(config, run_name), resume=config.resume, experiment_id=experiment_id,
+        run_name=run_name, kind="run", name_flag="--run-name", log_system_metrics=True,
+    )
 
 
 def _root_causes(exc: Exception) -> list[BaseException]:

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 
 from pipelines.errors import ConfigError
 
 LABEL_NAMES = {0: "negative", 1: "positive"}
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def resolve_model_path(model: str | None) -> str:
-    """None -> the bundled MiniLM; a folder must exist; anything else is a hub id."""
+    """None -> the bundled MiniLM; a path must be a model folder; else a hub id (`org/name`)."""
     if model is None:
         from pipelines.tokenization import default_model_path
 
         return default_model_path()
     expanded = os.path.expanduser(model)
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and os.path.exists(os.path.dirname(expanded) or ".")
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
             raise ConfigError(f"--model {model!r}: the folder has no config.json, so it is not a Hugging Face model")
         return os.path.abspath(expanded)
-    if looks_like_path or model.count("/") > 1:
-        raise ConfigError(f"--model {model!r}: no such folder (give a local model folder or a Hugging Face id)")
-    return model
+    if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
+        raise ConfigError(f"--model {model!r}: no such folder (give a local model folder or a Hugging Face id like org/name)")
+    return model  # a hub id: loading it needs the network (or a filled HF cache)
 
 
 def load_classifier(model_name_or_path: str):

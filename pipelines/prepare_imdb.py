@@ -16,14 +16,7 @@ from pipelines.prepare import prepare_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.prepare_imdb",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    cli.add_arguments(parser, PrepareConfig)
-    return parser
+    return cli.build_parser("python -m pipelines.prepare_imdb", __doc__, PrepareConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

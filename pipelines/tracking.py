@@ -20,6 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from pipelines.errors import ConfigError
 from pipelines.storage import is_remote, resolve
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
     artifact_root = None
     if not uri:
         if is_remote(storage):
-            from pipelines.errors import ConfigError
-
             raise ConfigError(
                 f"--storage {storage} is remote: set --tracking-uri or $MLFLOW_TRACKING_URI to an MLflow "
                 "server (a SQLite file cannot be shared between nodes)"
@@ -61,6 +60,26 @@ def ensure_experiment(name: str, artifact_root: str | None) -> str:
         return experiment.experiment_id
     location = f"{artifact_root}/{name}" if artifact_root else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def start_or_resume_run(marker, *, resume: bool, experiment_id: str, run_name: str, kind: str, name_flag: str, log_system_metrics: bool = False) -> str:
+    """Start the MLflow run of a new job, or on --resume reopen the one it started.
+
+    `marker` (a storage Location beside the job's Ray results) holds the run id, so a
+    resumed job keeps one MLflow run. Reusing a name without --resume is refused:
+    Ray would otherwise silently continue the old job.
+    """
+    if resume:
+        if not marker.exists():
+            raise ConfigError(f"--resume: no {kind} named {run_name!r} (no {marker.uri})")
+        run_id = marker.read_text().strip()
+        mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+        return run_id
+    if marker.exists():
+        raise ConfigError(f"{name_flag} {run_name!r} exists already; pass --resume to continue it, or pick a new name")
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, log_system_metrics=log_system_metrics)
+    marker.write_text(run.info.run_id + "\n")
+    return run.info.run_id
 
 
 def ui_command(tracking_uri: str) -> str:

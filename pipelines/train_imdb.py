@@ -15,14 +15,7 @@ from pipelines.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.train_imdb",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    cli.add_arguments(parser, TrainConfig)
-    return parser
+    return cli.build_parser("python -m pipelines.train_imdb", __doc__, TrainConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

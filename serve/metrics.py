@@ -1,8 +1,8 @@
 """Our Prometheus metrics, beside Serve's own (ray_serve_num_http_requests_total, latency, batching).
 
 Built with `ray.serve.metrics`, which adds the deployment, replica and application tags;
-Ray exports them with a `ray_` prefix on each node's metrics port (scraped by the
-Prometheus config in platform/). Created once per replica; updated once per batch.
+Ray exports them with a `ray_` prefix (and `_total` on counters) on each node's metrics
+port, which Prometheus scrapes. Created once per replica; updated once per batch.
 
 | metric | type | tags | what it answers |
 |---|---|---|---|
@@ -28,16 +28,16 @@ LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 class ServingMetrics:
     def __init__(self) -> None:
         self.predictions = Counter(
-            "imdb_predictions_total", description="Predictions returned, by label and model version.", tag_keys=("label", "model_version")
+            "imdb_predictions", description="Predictions returned, by label and model version.", tag_keys=("label", "model_version")
         )
         self.batch_size = Histogram("imdb_batch_size", description="Texts per model forward pass.", boundaries=BATCH_SIZE_BUCKETS)
         self.inference_ms = Histogram(
             "imdb_inference_latency_ms", description="Tokenization + forward time per batch (ms).", boundaries=LATENCY_BUCKETS_MS
         )
         self.model_version = Gauge("imdb_model_version", description="Registered model version this replica serves.", tag_keys=("model_name",))
-        self.swaps = Counter("imdb_model_swaps_total", description="Hot swaps to another model version.", tag_keys=("model_name",))
-        self.registry_errors = Counter("imdb_registry_errors_total", description="Failed registry checks or model loads.")
-        self.rejected = Counter("imdb_rejected_requests_total", description="Requests refused, by reason.", tag_keys=("reason",))
+        self.swaps = Counter("imdb_model_swaps", description="Hot swaps to another model version.", tag_keys=("model_name",))
+        self.registry_errors = Counter("imdb_registry_errors", description="Failed registry checks or model loads.")
+        self.rejected = Counter("imdb_rejected_requests", description="Requests refused, by reason.", tag_keys=("reason",))
 
     def record_batch(self, predictions: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(predictions))

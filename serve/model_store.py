@@ -2,9 +2,10 @@
 
 - `ModelSelector` names what to serve: `models:/<name>@<alias>` (the default alias is
   `champion`) or a pinned `models:/<name>/<version>`.
-- `LoadedModel` is one version in memory: model, tokenizer, and the tokenization that
-  training used (the run's `max_length` and `truncation` params, head+tail truncation
-  from `pipelines.tokenization`), so a served review is cut exactly like a trained one.
+- `LoadedModel` is one version in memory: model, tokenizer, and the preprocessing that
+  training used (the dataset's `clean_text`, the run's `max_length` and `truncation`
+  params, head+tail truncation from `pipelines.tokenization`), so a served review is
+  cleaned and cut exactly like a trained one.
   It is warmed up before anyone calls it.
 - `ModelStore` resolves a selector through the registry and hot-swaps versions: the new
   one is loaded and warmed completely before a single reference moves, so batches that
@@ -29,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
+from pipelines.cleaning import clean_text
 from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import LABEL_NAMES
 from pipelines.registry import CHAMPION
@@ -102,8 +104,10 @@ class LoadedModel:
         self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(self.model.config.num_labels)]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text as training saw it: special tokens around a head(+tail) cut of `max_length`."""
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        """Each text as training saw it: cleaned like the dataset (markup, entities, unicode,
+        whitespace), then special tokens around a head(+tail) cut of `max_length`."""
+        cleaned = [clean_text(text) for text in texts]
+        encoded = self.tokenizer(cleaned, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         return [self.prefix + truncate(ids, self.budget, self.truncation) + self.suffix for ids in encoded]
 
     def probabilities(self, texts: list[str]) -> np.ndarray:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import mlflow.transformers
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -31,6 +32,9 @@ def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
         eval_batch_size=64,
         lr=3e-3,  # a tiny random BERT needs a large step to learn in a few dozen steps
         warmup_ratio=0.1,
+        # a random tiny BERT is a fragile learner: length-sorted batches often keep it at
+        # chance for the few epochs a test affords (pretrained models do not mind)
+        group_by_length=False,
         max_length=64,
         storage=str(storage),
         register_as="tiny-imdb",
@@ -47,7 +51,7 @@ def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
     from pipelines.fine_tune import run_training
 
     storage = tmp_path_factory.mktemp("train-storage")
-    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=3)
+    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2)
     return config, run_training(config)
 
 
@@ -56,7 +60,7 @@ def test_training_learns_and_reports_every_epoch(first_run, sample_manifest):
     config, outcome = first_run
     client = MlflowClient(outcome.tracking_uri)
     losses = client.get_metric_history(outcome.run_id, "train/loss")
-    assert [m.step for m in losses] == [1, 2, 3]
+    assert [m.step for m in losses] == [1, 2]
     assert losses[-1].value < losses[0].value, "training loss must fall over the epochs"
     val_losses = client.get_metric_history(outcome.run_id, "val/loss")
     assert val_losses[-1].value < val_losses[0].value
@@ -76,7 +80,7 @@ def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
     run = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == str(config.lr)
-    assert run.data.params["batch_size"] == "16"
+    assert run.data.params["batch_size"] == str(config.batch_size)
     assert run.data.params["truncation"] == "head_tail"
     tags = run.data.tags
     assert tags["dataset_content_hash"] == sample_manifest.content_hash
@@ -95,11 +99,9 @@ def test_model_is_registered_promoted_and_loadable(first_run):
     mlflow.set_tracking_uri(outcome.tracking_uri)
     client = MlflowClient(outcome.tracking_uri)
     champion = client.get_model_version_by_alias(config.register_as, registry.CHAMPION)
-    assert champion.version == outcome.registered_version
+    assert str(champion.version) == outcome.registered_version
     assert champion.tags["gate.decision"] == "promoted"
     assert float(champion.tags[registry.ACCURACY_TAG]) == pytest.approx(outcome.metrics["test/accuracy"], abs=1e-6)
-    import mlflow.transformers
-
     components = mlflow.transformers.load_model(f"models:/{config.register_as}@champion", return_type="components")
     encoded = components["tokenizer"](["a wonderful film"], return_tensors="pt")
     with torch.inference_mode():
@@ -119,7 +121,7 @@ def test_gate_keeps_the_better_champion(first_run, sample_manifest, tiny_model_d
     assert worse.metrics["test/accuracy"] < first.metrics["test/accuracy"]
     client = MlflowClient(first.tracking_uri)
     assert worse.registered_version != first.registered_version
-    assert client.get_model_version_by_alias(config.register_as, registry.CHAMPION).version == first.registered_version
+    assert str(client.get_model_version_by_alias(config.register_as, registry.CHAMPION).version) == first.registered_version
     version = client.get_model_version(config.register_as, worse.registered_version)
     assert version.tags["gate.decision"] == "kept_champion"
     assert version.tags["gate.champion_version"] == first.registered_version
@@ -132,12 +134,12 @@ def test_worker_failure_resumes_from_checkpoint(ray_session, sample_manifest, tm
     from pipelines.fine_tune import run_training
 
     marker = tmp_path / "fault-injected"
-    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=3, register_as="fault-imdb")
+    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=2, register_as="fault-imdb")
     outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
     assert marker.exists(), "the failure was never injected"
-    assert outcome.metrics["epochs_trained"] == "1,2,3", "every epoch trained exactly once"
+    assert outcome.metrics["epochs_trained"] == "1,2", "every epoch trained exactly once"
     steps = [m.step for m in MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, "train/loss")]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2]
     assert outcome.registered_version is not None
 
 

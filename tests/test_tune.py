@@ -35,6 +35,7 @@ def tiny_sweep(manifest, storage, model, **overrides) -> SweepConfig:
         lr_max=1e-2,
         batch_sizes=(8,),
         max_length=64,
+        group_by_length=False,  # see tests/test_training.py: tiny random BERTs learn unreliably with it
         storage=str(storage),
         experiment="sweep-tests",
         register_as="tiny-sweep",
@@ -91,7 +92,7 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
     assert best["score"] == min(row["score"] for row in finished), "best = lowest val/loss among finished trials"
     version = client.get_model_version(config.register_as, outcome.registered_version)
     assert version.tags["gate.decision"] == "promoted"  # the first version: no champion yet
-    assert client.get_model_version_by_alias(config.register_as, "champion").version == outcome.registered_version
+    assert str(client.get_model_version_by_alias(config.register_as, "champion").version) == outcome.registered_version
     run = client.get_run(version.run_id)
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id, "registered from the best trial's child run"
 
@@ -107,7 +108,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     args = [
         sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir,
         "--num-samples", "3", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
-        "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--storage", str(storage),
+        "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
@@ -127,7 +128,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     parent_before = marker.read_text().strip()
     config = SweepConfig(
         data=sample_manifest.root.uri, model=tiny_model_dir, num_samples=3, max_concurrent=1, epochs=2, scheduler="fifo",
-        metric="val/loss", lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,), max_length=64, storage=str(storage),
+        metric="val/loss", lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,), max_length=64, group_by_length=False, storage=str(storage),
         sweep_name="resume-me", resume=True, register_as="resume-sweep", experiment="sweep-tests",
     )
     outcome = run_sweep(config)

@@ -36,6 +36,7 @@ class SweepConfig:
     batch_sizes: tuple[int, ...] = field((16, 32), "global batch sizes to choose from")
     max_length: int = field(256, "max tokens per review")
     max_steps_per_epoch: int | None = field(None, "cap on optimizer steps per epoch: a small budget per trial")
+    group_by_length: bool = field(True, "batch reviews of similar length together (less padding)")
     num_workers: int = field(1, "Ray Train workers per trial")
     cpus_per_worker: float = field(1.0, "CPUs per training worker")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=("auto", "yes", "no"))
@@ -85,6 +86,7 @@ class SweepConfig:
             lr=lr,
             max_length=self.max_length,
             max_steps_per_epoch=self.max_steps_per_epoch,
+            group_by_length=self.group_by_length,
             num_workers=self.num_workers,
             cpus_per_worker=self.cpus_per_worker,
             use_gpu=self.use_gpu,

@@ -181,7 +181,7 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         manifest,
         TokenizerSettings(context.model_path, config.max_length, config.truncation),
         resources=DataResources(**context.data_resources),
-        group_by_length_batch_size=config.per_worker_batch_size,
+        group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
     )
     loop_config = {
         **fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id),
@@ -203,19 +203,12 @@ def _parent_marker(config: SweepConfig, sweep_name: str):
 
 
 def _start_parent_run(config: SweepConfig, sweep_name: str, experiment_id: str) -> str:
-    marker = _parent_marker(config, sweep_name)
-    if config.resume:
-        if not marker.exists():
-            raise ConfigError(f"--resume: no sweep named {sweep_name!r} under {config.storage}/tune_results")
-        run_id = marker.read_text().strip()
-        mlflow.start_run(run_id=run_id)
-        return run_id
-    if marker.exists():
-        raise ConfigError(f"--sweep-name {sweep_name!r} exists already; pass --resume to continue it, or pick a new name")
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=sweep_name)
-    resolve(config.storage).child("tune_results", sweep_name).makedirs()
-    marker.write_text(run.info.run_id + "\n")
-    return run.info.run_id
+    if not config.resume:
+        resolve(config.storage).child("tune_results", sweep_name).makedirs()
+    return tracking.start_or_resume_run(
+        _parent_marker(config, sweep_name), resume=config.resume, experiment_id=experiment_id,
+        run_name=sweep_name, kind="sweep", name_flag="--sweep-name",
+    )
 
 
 def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_name: str) -> tune.Tuner:

@@ -18,14 +18,7 @@ from tune.settings import SweepConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tune.tune_imdb",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    cli.add_arguments(parser, SweepConfig)
-    return parser
+    return cli.build_parser("python -m tune.tune_imdb", __doc__, SweepConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,471 @@
+"""The Serve endpoint for real: a tiny model registered in a SQLite MLflow store, served by
+Ray Serve on 127.0.0.1, called over HTTP.
+
+One app (1 replica, API key on, alias polled every second) is deployed once for the module;
+the autoscaling test deploys a second, small app beside it. The rollout test moves the
+alias and must come last: the others expect version 1.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serve.settings import ModelSource, ScalingSettings, ServingConfig, split_app_args
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_NAME = "tiny-serve"
+API_KEY = "test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+APP = "serve-test"
+AUTOSCALE_APP = "serve-autoscale"
+# small limits so the oversize cases stay small
+LIMITS = dict(max_texts=8, max_text_chars=2000, max_body_bytes=64 * 1024)
+MAX_LENGTH = 64
+
+
+# --- fixtures: a registry with two versions, Serve, the app ---------------------------------
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir):
+    """Two versions of the tiny BERT registered as MODEL_NAME, @champion -> 1, with training's params."""
+    import mlflow
+    import mlflow.transformers
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines import tracking
+    from pipelines.fine_tune import model_requirements
+
+    storage = tmp_path_factory.mktemp("serve-storage")
+    tracking_uri, artifact_root = tracking.configure(str(storage))
+    experiment_id = tracking.ensure_experiment("serve-tests", artifact_root)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for accuracy in (0.61, 0.72):
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.log_params({"max_length": MAX_LENGTH, "truncation": "head_tail"})
+            mlflow.log_metrics({"test/accuracy": accuracy, "test/f1": accuracy - 0.01})
+            mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="text-classification",
+                registered_model_name=MODEL_NAME,
+                pip_requirements=model_requirements(),
+            )
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias(MODEL_NAME, "champion", "1")
+    return {"storage": str(storage), "tracking_uri": tracking_uri, "client": client, "source": ModelSource(MODEL_NAME, str(storage), tracking_uri)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_session):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def key_env(tmp_path_factory) -> dict:
+    """The replica's environment: the key in a file named by SERVE_API_KEY_FILE (never in config)."""
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    key_file.chmod(0o600)
+    return {"SERVE_API_KEY_FILE": str(key_file)}
+
+
+@pytest.fixture(scope="module")
+def app_url(registry, serve_url, key_env):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serving = ServingConfig(poll_interval_s=1.0, batch_wait_timeout_s=0.01, **LIMITS)
+    app = build_app(
+        registry["source"],
+        serving,
+        num_replicas=1,
+        autoscaling_config=None,
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": key_env}},
+    )
+    serve.run(app, name=APP, route_prefix="/")
+    yield serve_url
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def http(app_url):
+    with httpx.Client(base_url=app_url, timeout=30) as client:
+        yield client
+
+
+def predict(http: httpx.Client, payload, headers=AUTH) -> httpx.Response:
+    return http.post("/v1/predict", json=payload, headers=headers)
+
+
+# --- without Serve: config, settings, the key, the model store ------------------------------
+
+@pytest.mark.timeout(60)
+def test_config_yaml_is_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    deployment = app.deployments[0]
+    assert deployment.name == "SentimentClassifier"
+    assert deployment.ray_actor_options.num_cpus == 0.5
+    scaling = dict(deployment.autoscaling_config)
+    assert scaling["min_replicas"] < scaling["max_replicas"]
+    for key in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+        assert key in scaling
+    assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
+    # the user_config and the args are exactly what the app accepts
+    ServingConfig.from_user_config(deployment.user_config)
+    split_app_args(app.args)
+    assert "SERVE_API_KEY" not in str(app.runtime_env), "the key (or where it is) belongs to the nodes' environment"
+
+
+@pytest.mark.timeout(60)
+def test_settings_reject_what_would_misconfigure_a_replica():
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown user_config keys"):
+        ServingConfig.from_user_config({"max_batch_sise": 8})
+    with pytest.raises(ConfigError, match="model_version"):
+        ServingConfig(model_version="latest")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ServingConfig(max_batch_size=0)
+    with pytest.raises(ConfigError, match="unknown application args"):
+        split_app_args({"model": "x"})
+    source, serving = split_app_args({"model_name": "m", "model_version": "3", "max_batch_size": "8", "poll_interval_s": "2.5"})
+    assert (source.model_name, serving.model_version, serving.max_batch_size, serving.poll_interval_s) == ("m", "3", 8, 2.5)
+    options = ScalingSettings().deployment_options()
+    assert options["ray_actor_options"]["num_cpus"] == 0.5 and options["autoscaling_config"]["max_replicas"] >= 2
+
+
+@pytest.mark.timeout(60)
+def test_api_key_comes_from_env_or_file_and_is_checked(tmp_path):
+    from pipelines.errors import ConfigError
+    from serve.security import ApiKeyGuard, load_api_key
+
+    assert load_api_key({}) is None
+    assert load_api_key({"SERVE_API_KEY": API_KEY}) == API_KEY
+    key_file = tmp_path / "key"
+    key_file.write_text(f"  {API_KEY}\n")
+    assert load_api_key({"SERVE_API_KEY_FILE": str(key_file), "SERVE_API_KEY": "other-key-which-loses"}) == API_KEY
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_api_key({"SERVE_API_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="at least"):
+        load_api_key({"SERVE_API_KEY": "short"})
+    guard = ApiKeyGuard(API_KEY)
+    assert guard.problem(f"Bearer {API_KEY}") is None
+    assert "missing" in guard.problem(None)
+    assert "Bearer" in guard.problem(f"Basic {API_KEY}")
+    assert guard.problem("Bearer wrong") == "invalid API key"
+    assert ApiKeyGuard(None).problem(None) is None
+
+
+@pytest.mark.timeout(120)
+def test_model_store_tokenizes_like_training_and_batches_consistently(registry, tiny_model_dir):
+    import numpy as np
+
+    from pipelines.tokenization import TokenizeBatch, TokenizerSettings
+    from serve.model_store import ModelNotFound, ModelSelector, ModelStore
+
+    store = ModelStore(registry["storage"], registry["tracking_uri"])
+    assert store.swap_to(ModelSelector(MODEL_NAME)) is not None
+    assert store.swap_to(ModelSelector(MODEL_NAME)) is None, "same version: nothing to reload"
+    model = store.current
+    assert (model.version, model.max_length, model.truncation) == ("1", MAX_LENGTH, "head_tail")
+    assert model.test_metrics["test/accuracy"] == pytest.approx(0.61)
+
+    texts = ["A wonderful, moving film. " * 60, "Awful.", "It was fine, I suppose, if a little long."]
+    training = TokenizeBatch(TokenizerSettings(tiny_model_dir, MAX_LENGTH, "head_tail").as_dict())
+    expected = training({"text": np.asarray(texts, dtype=object), "label": np.zeros(len(texts))})["input_ids"]
+    assert [list(row) for row in expected] == model.token_ids(texts)
+    assert len(model.token_ids(texts)[0]) == MAX_LENGTH
+
+    together = model.probabilities(texts)
+    alone = np.concatenate([model.probabilities([text]) for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # padding must not change an answer
+    np.testing.assert_allclose(together.sum(axis=1), 1.0, atol=1e-5)
+    prediction = store.predict(["Great."])[0]
+    assert prediction["label"] in ("negative", "positive") and prediction["model_version"] == "1"
+    assert store.swap_to(ModelSelector(MODEL_NAME, version="2")).version == "2"
+    with pytest.raises(ModelNotFound, match="not found"):
+        store.resolve(ModelSelector(MODEL_NAME, alias="no-such-alias"))
+
+
+# --- over HTTP --------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_health_readiness_and_docs_are_open(http):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == "1"
+    assert http.get("/docs").status_code == 200
+    spec = http.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/model", "/healthz", "/readyz"} <= set(spec["paths"])
+
+
+@pytest.mark.timeout(120)
+def test_predict_returns_label_probabilities_and_the_version_that_answered(http):
+    texts = ["A wonderful, moving film.", "Dull and far too long.", "x " * 5000]
+    response = predict(http, {"texts": texts[:2] + ["meh"]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3
+    for prediction in predictions:
+        assert prediction["label"] in ("negative", "positive")
+        assert set(prediction["probabilities"]) == {"negative", "positive"}
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert prediction["score"] == pytest.approx(prediction["probabilities"][prediction["label"]])
+        assert (prediction["model_name"], prediction["model_version"]) == (MODEL_NAME, "1")
+    single = predict(http, {"text": texts[0]})
+    assert single.status_code == 200
+    assert single.json()["predictions"][0]["probabilities"] == pytest.approx(predictions[0]["probabilities"], abs=1e-5)
+    # concurrent requests are batched together and each gets its own answer back
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: predict(http, {"text": f"review number {i}"}), range(32)))
+    assert all(answer.status_code == 200 for answer in answers)
+    assert all(len(answer.json()["predictions"]) == 1 for answer in answers)
+
+
+@pytest.mark.timeout(120)
+def test_model_info_names_the_version_its_run_and_test_metrics(http, registry):
+    info = http.get("/v1/model", headers=AUTH).json()
+    version = registry["client"].get_model_version(MODEL_NAME, "1")
+    assert (info["name"], info["version"], info["run_id"]) == (MODEL_NAME, "1", version.run_id)
+    assert info["test_metrics"]["test/accuracy"] == pytest.approx(0.61)
+    assert info["selector"] == f"models:/{MODEL_NAME}@champion"
+    assert (info["max_length"], info["truncation"]) == (MAX_LENGTH, "head_tail")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "headers, problem",
+    [
+        ({}, "missing Authorization"),
+        ({"Authorization": "Bearer not-the-key"}, "invalid API key"),
+        ({"Authorization": f"Basic {API_KEY}"}, "Bearer"),
+        ({"Authorization": "Bearer"}, "Bearer"),
+    ],
+)
+def test_v1_needs_the_api_key(http, headers, problem):
+    for response in (predict(http, {"text": "hello"}, headers=headers), http.get("/v1/model", headers=headers)):
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert problem in response.json()["error"]["message"]
+    # an unauthenticated caller learns nothing about the body, even a broken one
+    assert http.post("/v1/predict", content=b"{not json", headers=headers).status_code == 401
+
+
+def _chunks(total: int):
+    yield b'{"text": "'
+    for _ in range(total // 4096):
+        yield b"a" * 4096
+    yield b'"}'
+
+
+BAD_INPUTS = [
+    # (case, request kwargs, status, code, words in the message)
+    ("not json", dict(content=b"{texts: [oops", headers={"Content-Type": "application/json"}), 400, "invalid_json", "not valid JSON"),
+    ("not utf-8", dict(content=b'{"text": "\xff\xfe"}', headers={"Content-Type": "application/json"}), 400, "bad_request", "parsing the body"),
+    ("empty body", dict(content=b""), 422, "missing_body", "empty"),
+    ("not an object", dict(json=["a", "b"]), 422, "invalid_request", "valid dictionary"),
+    ("no field", dict(json={}), 422, "invalid_request", "exactly one of"),
+    ("both fields", dict(json={"text": "a", "texts": ["b"]}), 422, "invalid_request", "exactly one of"),
+    ("unknown field", dict(json={"txt": "a"}), 422, "invalid_request", "txt"),
+    ("text not a string", dict(json={"text": 42}), 422, "invalid_request", "text: Input should be a valid string"),
+    ("texts not a list", dict(json={"texts": "a review"}), 422, "invalid_request", "texts: Input should be a valid list"),
+    ("texts item not a string", dict(json={"texts": ["ok", None]}), 422, "invalid_request", "texts.1"),
+    ("null text", dict(json={"text": None}), 422, "invalid_request", "exactly one of"),
+    ("empty string", dict(json={"text": ""}), 422, "empty_text", "text is empty"),
+    ("blank string in list", dict(json={"texts": ["fine", "   "]}), 422, "empty_text", "texts[1]"),
+    ("empty list", dict(json={"texts": []}), 422, "invalid_request", "at least 1 item"),
+    ("too many texts", dict(json={"texts": ["ok"] * (LIMITS["max_texts"] + 1)}), 422, "too_many_texts", "limit is 8"),
+    ("text too long", dict(json={"text": "a" * (LIMITS["max_text_chars"] + 1)}), 422, "text_too_long", "limit is 2000"),
+    ("body too large", dict(json={"texts": ["a" * 1000] * 100}), 413, "body_too_large", "limit is 65536"),
+    ("body too large, chunked", dict(content=_chunks(200_000), headers={"Content-Type": "application/json"}), 413, "body_too_large", "over the limit"),
+    ("form content type", dict(content=b"text=hi", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type", "application/json"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case, kwargs, status, code, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_a_json_4xx_that_says_what_is_wrong(http, case, kwargs, status, code, words):
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    response = http.post("/v1/predict", headers=headers, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["status"] == status and error["code"] == code
+    assert words in error["message"], error["message"]
+
+
+@pytest.mark.timeout(120)
+def test_server_keeps_serving_after_bad_input(http):
+    for kwargs in (dict(content=b"\x00\x01"), dict(json={"texts": [[["deep"]]]})):
+        assert 400 <= http.post("/v1/predict", headers={**AUTH, "Content-Type": "application/json"}, **kwargs).status_code < 500
+    assert http.get("/v1/nope", headers=AUTH).status_code == 404
+    assert http.get("/v1/predict", headers=AUTH).status_code == 405
+    assert predict(http, {"text": "still here?"}).status_code == 200
+
+
+@pytest.mark.timeout(240)
+def test_metrics_are_exported_to_prometheus(http):
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 90
+    wanted = ("ray_imdb_predictions_total", "ray_imdb_batch_size_bucket", "ray_imdb_model_version", "ray_serve_num_http_requests_total")
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        predict(http, {"texts": ["good", "bad"]})
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [name for name in wanted if name not in text]
+        if missing:
+            time.sleep(2)
+    assert not missing, f"not exported after 90s: {missing}"
+    version_lines = [line for line in text.splitlines() if line.startswith("ray_imdb_model_version{")]
+    assert any(line.rstrip().endswith(" 1.0") for line in version_lines), version_lines
+    assert 'label="' in text.split("ray_imdb_predictions_total{", 1)[1].split("}", 1)[0]
+
+
+# --- autoscaling --------------------------------------------------------------------------------
+
+def _running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    from serve.app import DEPLOYMENT_NAME
+
+    status = serve.status().applications[app_name].deployments[DEPLOYMENT_NAME]
+    return status.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.timeout(300)
+def test_replicas_scale_up_under_load_and_back_down(registry, serve_url, key_env):
+    """min 1 / max 2 replicas of 0.5 CPU: 16 clients push it to 2, silence brings it back to 1.
+
+    This app pins version 1 (model_version), so it also shows a pinned version is served.
+    """
+    from ray import serve
+
+    from serve.app import build_app
+
+    serving = ServingConfig(model_version="1", max_batch_size=4, batch_wait_timeout_s=0.02, poll_interval_s=0)
+    app = build_app(
+        registry["source"],
+        serving,
+        max_ongoing_requests=4,
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 4,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": key_env}},
+    )
+    serve.run(app, name=AUTOSCALE_APP, route_prefix="/autoscale")
+    assert _running_replicas(AUTOSCALE_APP) == 1
+    stop, failures, versions = threading.Event(), [], set()
+
+    def client() -> None:
+        with httpx.Client(base_url=f"{serve_url}/autoscale", timeout=60) as http:
+            while not stop.is_set():
+                response = http.post("/v1/predict", json={"texts": ["a long and winding review " * 40] * 4}, headers=AUTH)
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text[:200]))
+                else:
+                    versions.update(p["model_version"] for p in response.json()["predictions"])
+
+    try:
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 90
+        while _running_replicas(AUTOSCALE_APP) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        peak = _running_replicas(AUTOSCALE_APP)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert peak == 2, "no upscale under load within 90s"
+    deadline = time.monotonic() + 90
+    while _running_replicas(AUTOSCALE_APP) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        assert _running_replicas(AUTOSCALE_APP) == 1, "no downscale after the load stopped"
+        assert not failures, failures[:3]
+        assert versions == {"1"}
+    finally:
+        serve.delete(AUTOSCALE_APP)
+
+
+# --- rollout (last: it moves the alias) -----------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_alias_move_rolls_out_without_a_failed_request(http, app_url, registry):
+    stop, failures, answered = threading.Event(), [], []  # answered: (time, version)
+
+    def client() -> None:
+        with httpx.Client(base_url=app_url, timeout=60) as session:
+            while not stop.is_set():
+                try:
+                    response = session.post("/v1/predict", json={"texts": ["steady traffic", "during the switch"]}, headers=AUTH)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text[:200]))
+                    continue
+                answered.append((time.monotonic(), {p["model_version"] for p in response.json()["predictions"]}))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(answered) < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answered and all(versions == {"1"} for _, versions in answered)
+        registry["client"].set_registered_model_alias(MODEL_NAME, "champion", "2")
+        moved = time.monotonic()
+        deadline = moved + 90
+        while time.monotonic() < deadline and not any("2" in versions for _, versions in answered):
+            time.sleep(0.2)
+        time.sleep(3.0)  # keep the traffic on after the switch
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not failures, failures[:3]
+    first_new = next((t for t, versions in answered if "2" in versions), None)
+    assert first_new is not None, "the replica never switched to version 2"
+    # requests already in a batch when the swap landed finish on version 1; later ones get 2
+    after = [versions for t, versions in answered if t > first_new + 2.0]
+    assert after and all(versions == {"2"} for versions in after), "answers went back to the old version"
+    info = http.get("/v1/model", headers=AUTH).json()
+    assert (info["version"], info["test_metrics"]["test/accuracy"]) == ("2", pytest.approx(0.72))
+    print(f"switched {first_new - moved:.1f}s after the alias moved; {len(answered)} requests, 0 failed")
