@@ -1,7 +1,7 @@
 """The Ray Serve application: the champion model behind HTTP, batched, autoscaled, hot-swappable.
 
     serve run serve/config.yaml                 # local, foreground (config: replicas, batching, limits)
-    serve deploy serve/config.yaml              # to a running cluster (needs its dashboard)
+    serve deploy -a http://<head>:8265 serve/config.yaml   # to a running cluster, through its dashboard
     serve run serve.app:app_builder model_version=3
     python -m serve.app [--model-version 3] [--port 8000] ...   # local Ray + Serve, blocks
 
@@ -75,9 +75,15 @@ class SentimentClassifier:
         self.serving = ServingConfig()
         self._limits = self._limits_of(self.serving)
         self._selector: ModelSelector | None = None
+        self._last_error: str | None = None  # the last failed switch, until one succeeds
         # Torch runs on this one thread: batches never overlap, and the event loop stays
         # free to take requests (they fill the next batch meanwhile).
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # Set while no batch runs. Requests that arrive during a batch wait here and then
+        # join the queue together: without it, Serve's batcher would cut the arrivals into
+        # 5 ms slivers (batches of 1-2 texts) queued behind the running one.
+        self._batch_idle = asyncio.Event()
+        self._batch_idle.set()
         self._swap_lock = asyncio.Lock()
         self._poller = asyncio.get_running_loop().create_task(self._follow_registry())
 
@@ -93,9 +99,15 @@ class SentimentClassifier:
         self._classify.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
         await self._set_threads(serving.num_threads)
         self.serving, self._limits = serving, self._limits_of(serving)
-        if selector != self._selector or self.store.current is None:
-            # a failure here fails the deploy (and keeps the old model, if any, serving)
-            await self._swap(selector)
+        if self.store.current is None:
+            await self._swap(selector)  # nothing to fall back on: a failure fails the replica's start
+            self._selector = selector
+        elif selector != self._selector:
+            try:
+                await self._swap(selector)
+            except Exception as exc:  # e.g. a pinned version that does not exist: keep serving
+                self._record_swap_error(selector, exc)
+                return
             self._selector = selector
 
     @staticmethod
@@ -122,6 +134,15 @@ class SentimentClassifier:
             loaded = await asyncio.get_running_loop().run_in_executor(None, self.store.swap_to, selector)
         current = self.store.current
         self.metrics.record_model(current.name, current.version, swapped=loaded is not None and self._selector is not None)
+        self._last_error = None
+
+    def _record_swap_error(self, selector: ModelSelector, exc: Exception) -> None:
+        """The old model keeps serving; the error shows in /v1/model, the log and a metric."""
+        self.metrics.registry_errors.inc()
+        error = f"{selector.uri}: {exc}"
+        if error != self._last_error:  # once per distinct error, not once per poll
+            log.error("could not switch to %s; still serving v%s: %s", selector.uri, self.store.current.version, exc)
+        self._last_error = error
 
     async def _follow_registry(self) -> None:
         while True:
@@ -133,8 +154,7 @@ class SentimentClassifier:
             try:
                 await self._swap(selector)
             except Exception as exc:  # the registry may be down: keep serving the model we have
-                self.metrics.registry_errors.inc()
-                log.warning("registry check of %s failed; still serving v%s: %s", selector.uri, self.store.current.version, exc)
+                self._record_swap_error(selector, exc)
 
     def check_health(self) -> None:
         if self.store.current is None:
@@ -151,12 +171,14 @@ class SentimentClassifier:
         current = self.store.current
         if current is None:
             return None
-        return {**current.describe(), "selector": self._selector.uri if self._selector else current.describe()["uri"]}
+        selector = self._selector.uri if self._selector else f"models:/{current.name}/{current.version}"
+        return {**current.describe(), "selector": selector, "last_error": self._last_error}
 
     def record_rejection(self, reason: str) -> None:
         self.metrics.record_rejection(reason)
 
     async def predict(self, texts: list[str]) -> list[dict]:
+        await self._batch_idle.wait()
         # each text joins the batch queue on its own: max_batch_size counts texts, and a
         # request of many texts shares forward passes with other requests
         return list(await asyncio.gather(*(self._classify(text) for text in texts)))
@@ -164,10 +186,13 @@ class SentimentClassifier:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify(self, texts: list[str]) -> list[dict]:
         model = self.store.current  # one model per batch, even if a swap lands meanwhile
-        start = time.perf_counter()
-        predictions = await asyncio.get_running_loop().run_in_executor(self._inference, model.predict, texts)
+        self._batch_idle.clear()
+        try:
+            start = time.perf_counter()
+            predictions = await asyncio.get_running_loop().run_in_executor(self._inference, model.predict, texts)
+        finally:
+            self._batch_idle.set()
         self.metrics.record_batch(predictions, time.perf_counter() - start)
-        print("BATCHSIZE", len(texts), flush=True)
         return predictions
 
 

@@ -90,7 +90,7 @@ class RequestGate:
             return
         refusal = self._refusal(scope)
         if refusal is None and scope["method"] in BODY_METHODS:
-            body, refusal = await self._read_body(scope, receive)
+            body, refusal = await self._read_body(receive)
             if refusal is None:
                 receive = _replay(body)
         if refusal is not None:
@@ -120,7 +120,7 @@ class RequestGate:
                 return json_error(413, "body_too_large", f"request body is {int(declared)} bytes; the limit is {limit}")
         return None
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, JSONResponse | None]:
+    async def _read_body(self, receive: Receive) -> tuple[bytes, JSONResponse | None]:
         limit = self.backend.limits().max_body_bytes
         chunks, size = [], 0
         while True:

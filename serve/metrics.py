@@ -4,15 +4,15 @@ Built with `ray.serve.metrics`, which adds the deployment, replica and applicati
 Ray exports them with a `ray_` prefix (and `_total` on counters) on each node's metrics
 port, which Prometheus scrapes. Created once per replica; updated once per batch.
 
-| metric | type | tags | what it answers |
+| exported as | type | tags | what it answers |
 |---|---|---|---|
-| imdb_predictions_total | counter | label, model_version | what the model says, and how often |
-| imdb_batch_size | histogram | | texts per forward pass: is batching working? |
-| imdb_inference_latency_ms | histogram | | tokenize + forward time per batch |
-| imdb_model_version | gauge | model_name | the version each replica serves now (rollouts) |
-| imdb_model_swaps_total | counter | model_name | how many hot swaps happened |
-| imdb_registry_errors_total | counter | | failed registry checks or loads (the old model keeps serving) |
-| imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies |
+| ray_imdb_predictions_total | counter | label, model_version | what the model says, and how often |
+| ray_imdb_batch_size | histogram | | texts per forward pass: is batching working? |
+| ray_imdb_inference_latency_ms | histogram | | tokenize + forward time per batch |
+| ray_imdb_model_version | gauge | model_name | the version each replica serves now (rollouts) |
+| ray_imdb_model_swaps_total | counter | model_name | how many hot swaps happened |
+| ray_imdb_registry_errors_total | counter | | failed registry checks or loads (the old model keeps serving) |
+| ray_imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies |
 """
 
 from __future__ import annotations

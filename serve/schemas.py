@@ -60,6 +60,7 @@ class ModelInfo(BaseModel):
     device: str
     loaded_at: float
     selector: str = Field(description="what the replica follows: models:/<name>@<alias> or models:/<name>/<version>")
+    last_error: str | None = Field(None, description="why the last switch to another version failed (the model above still serves)")
 
 
 class ErrorBody(BaseModel):

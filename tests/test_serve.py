@@ -469,3 +469,22 @@ def test_alias_move_rolls_out_without_a_failed_request(http, app_url, registry):
     info = http.get("/v1/model", headers=AUTH).json()
     assert (info["version"], info["test_metrics"]["test/accuracy"]) == ("2", pytest.approx(0.72))
     print(f"switched {first_new - moved:.1f}s after the alias moved; {len(answered)} requests, 0 failed")
+
+
+@pytest.mark.timeout(120)
+def test_registry_trouble_keeps_the_current_model_serving(http, registry):
+    """The alias disappears (a registry mishap): replicas keep answering with what they have."""
+    client = registry["client"]
+    client.delete_registered_model_alias(MODEL_NAME, "champion")
+    try:
+        deadline = time.monotonic() + 60
+        info = http.get("/v1/model", headers=AUTH).json()
+        while info["last_error"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            info = http.get("/v1/model", headers=AUTH).json()
+        assert "champion" in (info["last_error"] or ""), info
+        assert info["version"] == "2"
+        response = predict(http, {"text": "still answering?"})
+        assert response.status_code == 200 and response.json()["predictions"][0]["model_version"] == "2"
+    finally:
+        client.set_registered_model_alias(MODEL_NAME, "champion", "2")

@@ -40,6 +40,8 @@ from tune.settings import SweepConfig
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_trial_id"
+# Tune needs a non-empty resource request; the trial itself only waits on its trainer.
+TRIAL_DRIVER_CPUS = 0.05
 
 
 class SweepFailed(PlatformError):
@@ -89,12 +91,15 @@ def search_space(config: SweepConfig) -> dict:
     return {"lr": tune.loguniform(config.lr_min, config.lr_max), "batch_size": tune.choice(list(config.batch_sizes))}
 
 
-def search_algorithm(config: SweepConfig):
+def search_algorithm(config: SweepConfig, concurrency: int):
     if config.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=config.seed)  # metric/mode come from TuneConfig (not both)
-    return BasicVariantGenerator(random_state=config.seed)
+        # metric/mode come from TuneConfig (not both); Tune wraps it in a ConcurrencyLimiter
+        return OptunaSearch(seed=config.seed)
+    # A generator passed in ignores TuneConfig.max_concurrent_trials (ray 2.60): the limit
+    # must be its own, or every trial starts at once and they starve each other of CPUs.
+    return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency)
 
 
 def trial_scheduler(config: SweepConfig):
@@ -117,7 +122,7 @@ def trials_planned(config: SweepConfig) -> int:
 def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
     """Trials at once that fit the cluster; an explicit --max-concurrent beyond that is an error."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
-    per_trial_cpus = config.num_workers * config.cpus_per_worker + fine_tune.DATA_CPU_RESERVE
+    per_trial_cpus = config.num_workers * config.cpus_per_worker + fine_tune.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
     fits = int(cpus // per_trial_cpus)
     if use_gpu:
         fits = min(fits, int(gpus // config.num_workers))
@@ -215,7 +220,7 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context),
         # the trial function only drives: its Train workers hold the CPUs/GPUs
-        {"cpu": 0},
+        {"cpu": TRIAL_DRIVER_CPUS},
     )
     sweep_path = resolve(config.storage).child("tune_results", sweep_name)
     if config.resume and tune.Tuner.can_restore(sweep_path.uri):
@@ -227,7 +232,7 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
             metric=config.metric,
             mode=config.mode,
             scheduler=trial_scheduler(config),
-            search_alg=search_algorithm(config),
+            search_alg=search_algorithm(config, concurrency),
             num_samples=config.num_samples,
             max_concurrent_trials=concurrency,
         ),
