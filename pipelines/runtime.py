@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 
 import ray
 
@@ -57,14 +58,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=num_cpus,
-        object_store_memory=local_object_store_bytes(),
-        runtime_env=runtime_env,
-        include_dashboard=True,  # Tune frees stopped trials' placement groups through it
-        log_to_driver=True,
-    )
-    log.info("started a local Ray: %s", ray.cluster_resources())
+    # Ray's State API, which Train's placement-group cleaner relies on when Tune stops a
+    # trial, finds "the" local cluster by scanning processes; with two clusters on one
+    # machine it asks the wrong one (or fails), and a live trial's placement group gets
+    # removed or a dead one's leaks. Fixing the GCS port up front lets every worker be
+    # told its own cluster's address.
+    gcs_port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    runtime_env["env_vars"]["RAY_ADDRESS"] = address
+    previous_port = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=local_object_store_bytes(),
+            runtime_env=runtime_env,
+            include_dashboard=True,  # Tune frees stopped trials' placement groups through it
+            log_to_driver=True,
+        )
+    finally:
+        if previous_port is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous_port
+    if ray.get_runtime_context().gcs_address != address:
+        log.warning("the local Ray is at %s, not %s", ray.get_runtime_context().gcs_address, address)
+    log.info("started a local Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def shutdown_ray() -> None:

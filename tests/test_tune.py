@@ -163,7 +163,7 @@ def test_grid_covers_every_combination():
 def test_more_concurrency_than_resources(ray_session):
     with pytest.raises(ConfigError, match="--max-concurrent 3"):
         plan_concurrency(SweepConfig(max_concurrent=3), use_gpu=False)
-    assert plan_concurrency(SweepConfig(), use_gpu=False) == 1  # 2 CPUs hold one 1.6-CPU trial
+    assert plan_concurrency(SweepConfig(), use_gpu=False) == 1  # 2 CPUs hold one 1.65-CPU trial
 
 
 @pytest.mark.timeout(60)

@@ -106,7 +106,10 @@ def trial_scheduler(config: SweepConfig):
     if config.scheduler == "asha":
         return ASHAScheduler(
             time_attr="training_iteration",  # one report per epoch
-            max_t=config.epochs,
+            # One past the last epoch: at max_t ASHA *stops* the trial, killing it before its
+            # Train run shuts down, and that run's placement group can leak (RAY_NOTES). A
+            # trial that reaches its last epoch should end on its own instead.
+            max_t=config.epochs + 1,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor,
         )

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Start the MLflow tracking server: UI, REST API, model registry and artifact proxy.
+#
+#   start_mlflow_server.sh             in the foreground (containers, systemd, tests)
+#   start_mlflow_server.sh --daemon    in the background; returns once /health answers
+#                                      (cluster.yaml runs this on the head node)
+#   start_mlflow_server.sh --stop      stop the one started with --daemon
+#
+# Settings, from the environment (cluster.yaml writes them to ~/imdb-platform.env):
+#   MLFLOW_BACKEND_STORE_URI  runs, metrics and the registry.
+#                             default sqlite:///$MLFLOW_HOME/mlflow.db (a file on this machine);
+#                             postgresql://user@host:5432/db for a managed database (the
+#                             password comes from ~/.pgpass or PGPASSWORD, never from a file
+#                             in the repository)
+#   MLFLOW_ARTIFACT_ROOT      where artifacts and model files go: a folder (default
+#                             $MLFLOW_HOME/artifacts) or s3://bucket/prefix. Clients upload and
+#                             download through this server (mlflow-artifacts:/ URIs), so they
+#                             need no storage credentials of their own; the server does.
+#   MLFLOW_SERVE_ARTIFACTS    true (default): the proxy above. false: clients use the
+#                             artifact root directly (each needs access to it).
+#   MLFLOW_HOST               interface to listen on (default 127.0.0.1; 0.0.0.0 on a cluster:
+#                             keep the port closed to the internet, open it to the cluster)
+#   MLFLOW_PORT               default 5000
+#   MLFLOW_WORKERS            server processes (default 1 with SQLite: one writer at a time)
+#   MLFLOW_ALLOWED_HOSTS      Host headers accepted besides localhost and private IPs
+#                             (e.g. a Kubernetes service name: imdb-mlflow,imdb-mlflow:5000)
+#   MLFLOW_HOME               state folder: default SQLite file, local artifacts, pid and log
+#                             (default ~/mlflow)
+#   MLFLOW_BIN                the mlflow executable (default: `mlflow` on PATH)
+set -euo pipefail
+
+MLFLOW_HOME="${MLFLOW_HOME:-$HOME/mlflow}"
+BACKEND_STORE_URI="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$MLFLOW_HOME/mlflow.db}"
+ARTIFACT_ROOT="${MLFLOW_ARTIFACT_ROOT:-$MLFLOW_HOME/artifacts}"
+SERVE_ARTIFACTS="${MLFLOW_SERVE_ARTIFACTS:-true}"
+HOST="${MLFLOW_HOST:-127.0.0.1}"
+PORT="${MLFLOW_PORT:-5000}"
+MLFLOW_BIN="${MLFLOW_BIN:-mlflow}"
+PID_FILE="$MLFLOW_HOME/server.pid"
+LOG_FILE="$MLFLOW_HOME/server.log"
+START_TIMEOUT_S="${MLFLOW_START_TIMEOUT_S:-120}"
+
+if [[ "$BACKEND_STORE_URI" == sqlite:* ]]; then
+  WORKERS="${MLFLOW_WORKERS:-1}"
+else
+  WORKERS="${MLFLOW_WORKERS:-4}"
+fi
+
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+
+health_url() {
+  local host="$HOST"
+  [[ "$host" == "0.0.0.0" || "$host" == "::" ]] && host=127.0.0.1
+  echo "http://$host:$PORT/health"
+}
+
+is_up() {
+  # curl is not in every image; python is wherever mlflow is
+  python3 - "$(health_url)" <<'EOF' > /dev/null 2>&1
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=2) as response:
+    sys.exit(0 if response.status == 200 else 1)
+EOF
+}
+
+server_args() {
+  local args=(server --backend-store-uri "$BACKEND_STORE_URI" --host "$HOST" --port "$PORT" --workers "$WORKERS")
+  if [[ "$SERVE_ARTIFACTS" == "true" ]]; then
+    # new experiments get mlflow-artifacts:/ locations; the server stores under the root
+    args+=(--serve-artifacts --artifacts-destination "$ARTIFACT_ROOT")
+  else
+    args+=(--no-serve-artifacts --default-artifact-root "$ARTIFACT_ROOT")
+  fi
+  if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
+    args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+  fi
+  printf '%s\n' "${args[@]}"
+}
+
+prepare_local_paths() {
+  mkdir -p "$MLFLOW_HOME"
+  if [[ "$BACKEND_STORE_URI" == sqlite:///* ]]; then
+    mkdir -p "$(dirname "${BACKEND_STORE_URI#sqlite:///}")"
+  fi
+  if [[ "$ARTIFACT_ROOT" != *://* ]]; then
+    mkdir -p "$ARTIFACT_ROOT"
+  fi
+}
+
+stop_daemon() {
+  if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2> /dev/null; then
+    # the whole process group: mlflow runs its web server processes as children
+    kill -- "-$(cat "$PID_FILE")" 2> /dev/null || kill "$(cat "$PID_FILE")"
+    rm -f "$PID_FILE"
+    echo "mlflow server stopped"
+  else
+    echo "no mlflow server started by this script is running (no live pid in $PID_FILE)"
+  fi
+}
+
+mode="${1:-foreground}"
+case "$mode" in
+  -h | --help) usage; exit 0 ;;
+  --stop) stop_daemon; exit 0 ;;
+  foreground | --foreground | --daemon) ;;
+  *) echo "unknown argument: $mode" >&2; usage >&2; exit 2 ;;
+esac
+
+command -v "$MLFLOW_BIN" > /dev/null || { echo "mlflow not found (MLFLOW_BIN=$MLFLOW_BIN): install this project first" >&2; exit 1; }
+prepare_local_paths
+mapfile -t ARGS < <(server_args)
+# the backend URI may hold a user name; never a password (see above), so it can be printed
+echo "mlflow server: backend $BACKEND_STORE_URI, artifacts $ARTIFACT_ROOT (proxied: $SERVE_ARTIFACTS), http://$HOST:$PORT, $WORKERS worker(s)"
+
+if [[ "$mode" != "--daemon" ]]; then
+  exec "$MLFLOW_BIN" "${ARGS[@]}"
+fi
+
+if is_up; then
+  echo "an MLflow server already answers at $(health_url)"
+  exit 0
+fi
+# setsid + nohup: the server outlives the SSH session of `ray up`
+setsid nohup "$MLFLOW_BIN" "${ARGS[@]}" >> "$LOG_FILE" 2>&1 < /dev/null &
+echo $! > "$PID_FILE"
+for ((waited = 0; waited < START_TIMEOUT_S; waited++)); do
+  if is_up; then
+    echo "mlflow server up at $(health_url) (pid $(cat "$PID_FILE"), log $LOG_FILE)"
+    exit 0
+  fi
+  if ! kill -0 "$(cat "$PID_FILE")" 2> /dev/null; then
+    break
+  fi
+  sleep 1
+done
+echo "the mlflow server did not come up; the end of $LOG_FILE:" >&2
+tail -n 30 "$LOG_FILE" >&2
+exit 1
