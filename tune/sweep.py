@@ -198,7 +198,8 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         name=config.run_name,
         storage_path=resolve(sweep.storage).child("tune_results", context.sweep_name, "train").uri,
         failure_config=FailureConfig(max_failures=0),
-        callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(context.tracking_uri, run_id)],
+        # MLflow first: once Tune has the result it may stop (kill) this trial at once
+        callbacks=[tracking.MlflowEpochLogger(context.tracking_uri, run_id), TuneReportCallback()],
     )
     fine_tune.build_trainer(loop_config, datasets, config, context.use_gpu, run_config).fit()
     client.set_terminated(run_id, "FINISHED")
@@ -226,6 +227,7 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
         {"cpu": TRIAL_DRIVER_CPUS},
     )
     sweep_path = resolve(config.storage).child("tune_results", sweep_name)
+    searcher = search_algorithm(config, concurrency)
     if config.resume and tune.Tuner.can_restore(sweep_path.uri):
         return tune.Tuner.restore(sweep_path.uri, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -235,9 +237,10 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
             metric=config.metric,
             mode=config.mode,
             scheduler=trial_scheduler(config),
-            search_alg=search_algorithm(config, concurrency),
+            search_alg=searcher,
             num_samples=config.num_samples,
-            max_concurrent_trials=concurrency,
+            # a generator carries its own limit; a Searcher (optuna) gets Tune's ConcurrencyLimiter
+            max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else concurrency,
         ),
         run_config=tune.RunConfig(name=sweep_name, storage_path=resolve(config.storage).child("tune_results").uri),
     )
