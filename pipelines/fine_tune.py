@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -83,8 +84,35 @@ def resolve_dataset(config: TrainConfig) -> Manifest:
 
 # --- sizing the run to the cluster --------------------------------------------------
 
+def wait_for_autoscaler(config: TrainConfig) -> None:
+    """On an autoscaling cluster (`ray up`, KubeRay) ask for the workers' resources and wait.
+
+    GPU worker types start at 0 nodes: without this request the checks below would
+    refuse a run that the autoscaler could have served. Local clusters cannot grow,
+    so they are left to fail at once with the numbers.
+    """
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")) or runtime.is_local_cluster():
+        return
+    gpus_wanted = config.num_workers if config.use_gpu == "yes" else 0
+    bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if gpus_wanted else {})}
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[bundle] * config.num_workers)
+    except Exception as exc:  # a cluster without an autoscaler: nothing to ask
+        log.info("no autoscaler to ask for resources (%s)", exc)
+        return
+    deadline = time.monotonic() + float(os.environ.get("PLATFORM_RESOURCE_WAIT_S", "900"))
+    while time.monotonic() < deadline:
+        if runtime.cluster_cpus() >= config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE and runtime.cluster_gpus() >= gpus_wanted:
+            return
+        log.info("waiting for the autoscaler: %d worker(s) of %s", config.num_workers, bundle)
+        time.sleep(10)
+
+
 def plan_resources(config: TrainConfig) -> tuple[bool, DataResources]:
     """(use GPUs?, data pipeline sizing); errors if the workers cannot fit."""
+    wait_for_autoscaler(config)
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     use_gpu = {"yes": True, "no": False, "auto": gpus >= config.num_workers}[config.use_gpu]
     if use_gpu and gpus < config.num_workers:

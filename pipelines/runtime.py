@@ -70,6 +70,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
         ray.init(
+            # "local": always a new cluster of our own, never one that `ray start` left running
+            address="local",
             num_cpus=num_cpus,
             object_store_memory=local_object_store_bytes(),
             runtime_env=runtime_env,
@@ -81,6 +83,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous_port
+    global _STARTED_LOCALLY
+    _STARTED_LOCALLY = True
     if ray.get_runtime_context().gcs_address != address:
         log.warning("the local Ray is at %s, not %s", ray.get_runtime_context().gcs_address, address)
     log.info("started a local Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
@@ -90,6 +94,14 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+_STARTED_LOCALLY = False
+
+
+def is_local_cluster() -> bool:
+    """True when this process started the Ray it uses (it cannot autoscale)."""
+    return _STARTED_LOCALLY
 
 
 def shutdown_ray() -> None:

@@ -159,6 +159,7 @@ def test_start_script_daemon_takes_env_settings_and_proxies_artifacts(store, tmp
         MLFLOW_ARTIFACT_ROOT=str(proxied_root),
         MLFLOW_HOST="127.0.0.1",
         MLFLOW_PORT=str(port),
+        MLFLOW_ALLOWED_HOSTS="imdb-mlflow,imdb-mlflow:*",  # a Kubernetes service name, as in raycluster.yaml
     )
     started = subprocess.run([str(START_SCRIPT), "--daemon"], env=env, capture_output=True, text=True, timeout=150)
     try:
@@ -168,6 +169,12 @@ def test_start_script_daemon_takes_env_settings_and_proxies_artifacts(store, tmp
         # the script is idempotent: a second start finds the running server
         again = subprocess.run([str(START_SCRIPT), "--daemon"], env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and "already answers" in again.stdout
+
+        # Host headers: the service name and localhost pass, anything else is refused (DNS rebinding)
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert httpx.get(base + search, headers={"Host": f"imdb-mlflow:{port}"}, timeout=10).status_code == 200
+        assert httpx.get(base + search, headers={"Host": f"localhost:{port}"}, timeout=10).status_code == 200
+        assert httpx.get(base + search, headers={"Host": "attacker.example"}, timeout=10).status_code in (400, 403)
 
         client = MlflowClient(tracking_uri=base, registry_uri=base)
         # what a job on a worker node sees: the registered champion

@@ -72,7 +72,10 @@ server_args() {
     args+=(--no-serve-artifacts --default-artifact-root "$ARTIFACT_ROOT")
   fi
   if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
-    args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+    # --allowed-hosts replaces mlflow's default list: keep localhost and private IPs in it
+    local defaults="localhost,localhost:*,127.0.0.1,127.0.0.1:*,10.*,192.168.*" i
+    for ((i = 16; i < 32; i++)); do defaults+=",172.$i.*"; done
+    args+=(--allowed-hosts "$defaults,$MLFLOW_ALLOWED_HOSTS")
   fi
   printf '%s\n' "${args[@]}"
 }

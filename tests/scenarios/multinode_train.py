@@ -29,8 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _scenario  # noqa: E402  (the scenario folder is not a package)
 
-_scenario.setup_environment()
-
 CPUS_PER_WORKER = 1.1  # > half a 2-CPU worker node, > the 1-CPU head: one worker per worker node
 MODEL_NAME = "tiny-multinode"
 
@@ -114,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=("spread", "node-loss"))
     parser.add_argument("workdir", type=Path)
     args = parser.parse_args(argv)
+    _scenario.setup_environment()  # before Ray starts
     workdir: Path = args.workdir.resolve()
     storage = workdir / "storage"
     timings: dict[str, float] = {}

@@ -1,0 +1,111 @@
+"""Multi-node behaviour on one machine: training across nodes, losing a node, losing a replica.
+
+Each scenario is a script under tests/scenarios/ run in its own process: it builds its own
+Ray (a `ray.cluster_utils.Cluster` of a head and worker nodes, or a local Ray for Serve),
+because a process joins one Ray cluster only and this one holds the session-wide Ray of
+the other tests. A scenario prints one `SCENARIO_RESULT {json}` line; the assertions are here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = REPO / "tests" / "scenarios"
+RESULT_PREFIX = "SCENARIO_RESULT "
+SCENARIO_TIMEOUT_S = 840
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SCENARIO_TIMEOUT_S + 60)]
+
+
+def run_scenario(script: str, *args: str) -> tuple[dict, str]:
+    """Run a scenario to the end; (its result, its output)."""
+    proc = subprocess.run(
+        [sys.executable, str(SCENARIOS / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SCENARIO_TIMEOUT_S,
+    )
+    output = proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert proc.returncode == 0 and lines, f"{script} failed (exit {proc.returncode}):\n{output[-6000:]}"
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), output
+
+
+def registered_version(result: dict):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=result["tracking_uri"], registry_uri=result["tracking_uri"])
+    version = client.get_model_version(result["registered_model"], result["registered_version"])
+    return client, version
+
+
+def test_training_spreads_two_workers_over_two_nodes_and_registers(tmp_path):
+    result, output = run_scenario("multinode_train.py", "spread", str(tmp_path))
+
+    workers = result["train_workers"]
+    assert len(workers) == 2, f"one worker group of two, no restart: {workers}"
+    nodes = {w["node_id"] for w in workers}
+    assert len(nodes) == 2, f"the two Train workers ran on the same node: {workers}"
+    assert {w["role"] for w in workers} == {"worker-1", "worker-2"}, "the head (0 room for a worker) ran one"
+    assert result["driver_node"] == "head"
+
+    assert result["epochs_trained"] == "1"
+    assert result["test_rows"] == result["expected_test_rows"], "every test row evaluated once across the two workers"
+    client, version = registered_version(result)
+    assert version.run_id == result["run_id"]
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    print("timings:", result["timings"])
+
+
+def test_losing_a_worker_node_resumes_from_the_checkpoint_and_finishes(tmp_path):
+    result, output = run_scenario("multinode_train.py", "node-loss", str(tmp_path))
+
+    assert result["killer_error"] is None, result["killer_error"]
+    removed = result["removed_node"]
+    assert removed and removed.startswith("worker-"), result
+    assert result["removed_at_epoch"] == 1, "the node goes after epoch 1's checkpoint, before the run ends"
+
+    workers = result["train_workers"]
+    on_removed = [w for w in workers if w["role"] == removed]
+    assert len(on_removed) == 1, f"the lost node ran one Train worker: {workers}"
+    assert len(workers) >= 4, f"a second worker group replaced the first: {workers}"
+    assert all(w["role"].startswith("worker-") for w in workers), f"a Train worker ran on the head: {workers}"
+    # the restarted workers loaded epoch 1's checkpoint instead of starting over ...
+    assert "resuming from the checkpoint of epoch 1" in output
+    # ... so every epoch was trained exactly once
+    assert result["epochs_trained"] == "1,2"
+    assert result["test_rows"] == result["expected_test_rows"]
+
+    client, version = registered_version(result)
+    assert version.run_id == result["run_id"]
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result["run_id"], "train/loss")] == [1, 2]
+    print("timings:", result["timings"])
+
+
+def test_killing_a_serve_replica_under_load_fails_no_request(tmp_path):
+    result, output = run_scenario("serve_replica_kill.py", str(tmp_path))
+
+    # the clients retry a 5xx or transport error (at most 3 times, with back-off), as Ray
+    # recommends for production clients: Serve does not re-run a request whose replica died
+    # while it executed. No request may fail for good ...
+    assert result["failed_requests"] == 0, f"{result['failed_requests']} failed: {result['failed_examples']}"
+    # ... and only the few the kill caught in flight may need a retry (one per client at most
+    # in flight at the kill, plus the ones routed before the router saw the replica go)
+    assert result["retried_requests"] == result["retried_after_kill"], "retries before the kill: the app was not healthy"
+    assert result["retried_requests"] <= 2 * result["clients"], result["attempt_errors"]
+    assert result["warmup_requests"] > 0
+    assert result["requests_during_recovery"] > 0, "no load while the replica was replaced"
+    assert result["requests_after_recovery"] > 0
+    assert result["killed_replica"] in result["replicas_before"]
+    assert result["killed_replica"] not in result["replicas_after"]
+    assert len(result["replicas_after"]) == 2, "Serve replaced the killed replica"
+    print("requests:", result["requests"], "retried:", result["retried_requests"], "recovery_s:", result["recovery_s"], "timings:", result["timings"])
