@@ -87,13 +87,18 @@ class TrainConfig:
     max_length: int = field(256, "max tokens per review, special tokens included")
     truncation: str = field("head_tail", "how long reviews are cut: keep the head, or the head and the tail", choices=("head", "head_tail"))
     group_by_length: bool = field(True, "batch reviews of similar length together (less padding)")
+    deterministic_data: bool = field(
+        True,
+        "feed rows in the same order on every run (Ray Data preserve_order), so the same --seed and data "
+        "give the same model with one worker; off lets whichever block is ready first go first",
+    )
     num_workers: int = field(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=USE_GPU_CHOICES)
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")
     threads_per_worker: int | None = field(None, "torch intra-op threads per worker (default: --cpus-per-worker, at least 1)")
     max_failures: int = field(2, "worker failures tolerated; training resumes from the last checkpoint")
     max_steps_per_epoch: int | None = field(None, "cap on optimizer steps per epoch (smoke tests, benchmarks)")
-    seed: int = field(42, "random seed (model init, shuffling)")
+    seed: int = field(42, "random seed (classifier head init, dropout, batch order when grouping by length)")
     storage: str = field(default_storage(), "storage root for datasets, checkpoints and the local MLflow store; a folder or s3:// / gs:// URI")
     run_name: str | None = field(None, "name of the run (default: a fresh unique name); an existing name with --resume continues it")
     resume: bool = field(False, "continue the interrupted run named by --run-name from its last checkpoint")

@@ -132,16 +132,38 @@ class EvalSplitDataConfig(DataConfig):
     `streaming_split(equal=True)` may drop up to world_size-1 rows to even out the
     shards; for evaluation every row must count once, so those splits use equal=False
     and the loop sums counts over workers.
+
+    `preserve_order`: rows reach the workers in the order of the shards, not in the
+    order blocks happen to finish; a rerun (or the same trial in two sweeps) then sees
+    the same batches. With several workers, which worker gets which block still
+    depends on timing.
     """
+
+    def __init__(self, preserve_order: bool = True):
+        super().__init__()
+        self.preserve_order = preserve_order
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
+            options = self._resolve_execution_options(name)
+            options.preserve_order = options.preserve_order or self.preserve_order
+            dataset.context.execution_options = options
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)):
                 output[rank][name] = split
         return output
+
+
+def training_datasets(manifest: Manifest, tokenizer: TokenizerSettings, config: TrainConfig, resources: DataResources) -> dict:
+    """The lazy tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
+    return tokenized_splits(
+        manifest,
+        tokenizer,
+        resources=resources,
+        group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
+        seed=config.seed,
+    )
 
 
 def build_loop_config(config: TrainConfig, manifest: Manifest, model_path: str, pad_token_id: int) -> dict:
@@ -168,7 +190,7 @@ def build_trainer(loop_config: dict, datasets: dict, config: TrainConfig, use_gp
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
-        dataset_config=EvalSplitDataConfig(),
+        dataset_config=EvalSplitDataConfig(preserve_order=config.deterministic_data),
     )
 
 
@@ -291,12 +313,7 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
     use_gpu, data_resources = plan_resources(config)
     # Ray Data's per-operator bars would drown the training's own progress lines
     DataContext.get_current().enable_progress_bars = False
-    datasets = tokenized_splits(
-        manifest,
-        tokenizer_settings,
-        resources=data_resources,
-        group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
-    )
+    datasets = training_datasets(manifest, tokenizer_settings, config, data_resources)
     run_name = config.run_name or new_run_name()
     resolve(config.storage).child("ray_results", run_name).makedirs()
     log_dir = Path(tempfile.mkdtemp(prefix="train-log-"))

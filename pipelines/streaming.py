@@ -112,6 +112,7 @@ def tokenized_splits(
     splits: tuple[str, ...] = ("train", "val", "test"),
     resources: DataResources = DataResources(),
     group_by_length_batch_size: int | None = None,
+    seed: int = 0,
 ) -> dict[str, ray.data.Dataset]:
     """Lazy tokenized Datasets per split, ready for `TorchTrainer(datasets=...)`.
 
@@ -122,6 +123,6 @@ def tokenized_splits(
     for split in splits:
         dataset = tokenize(read_split(manifest, split, resources), tokenizer, resources)
         if split == "train" and group_by_length_batch_size:
-            dataset = group_by_length(dataset, group_by_length_batch_size)
+            dataset = group_by_length(dataset, group_by_length_batch_size, seed=seed)
         datasets[split] = dataset
     return datasets

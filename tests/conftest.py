@@ -55,30 +55,8 @@ def bundled_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, bundled_model_path) -> str:
-    """A 2-layer, 64-wide random BERT with the bundled tokenizer: trains in seconds on CPU.
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer, 64-wide random BERT with the bundled tokenizer (tests/tiny_model.py)."""
+    from tests.tiny_model import build_tiny_model
 
-    64 wide is about the smallest that learns the sample corpus reliably in a few
-    dozen steps (32 wide often stays at chance for several epochs).
-    """
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        num_labels=2,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-    )
-    model = BertForSequenceClassification(config)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))

@@ -53,3 +53,36 @@ def test_grouping_by_length_cuts_padding(ray_session, sample_manifest, bundled_m
     plain, plain_rows = padding_efficiency(False)
     assert grouped_rows == plain_rows == sample_manifest.splits["train"].rows, "grouping must not lose rows"
     assert grouped > plain + 0.05, f"grouping should cut padding ({grouped:.2f} vs {plain:.2f})"
+
+
+def test_training_rows_arrive_in_shard_order_on_every_pass(ray_session, sample_manifest, bundled_model_path):
+    """--deterministic-data: the train shard a worker sees is the manifest's order, epoch after epoch.
+
+    That is what makes a rerun (or the same trial in two sweeps) see the same batches.
+    """
+    import numpy as np
+
+    from pipelines.config import TrainConfig
+    from pipelines.datasets import read_split_table
+    from pipelines.fine_tune import EvalSplitDataConfig, training_datasets
+
+    config = TrainConfig(data=sample_manifest.root.uri, batch_size=16, max_length=32, group_by_length=False)
+    settings = TokenizerSettings(bundled_model_path, max_length=32)
+    # small tokenizer batches and two actors: without preserve_order, blocks finish out of order
+    resources = DataResources(tokenize_batch_size=32, tokenizer_actors_min=2, tokenizer_actors_max=2)
+    datasets = training_datasets(sample_manifest, settings, config, resources)
+    def random_delay(batch):  # defined here: pickled by value, workers cannot import test modules
+        import random
+        import time
+
+        time.sleep(random.uniform(0.0, 0.1))
+        return batch
+
+    # batches that take random times to process, as on a busy cluster: they finish out of order
+    datasets["train"] = datasets["train"].map_batches(random_delay, batch_size=16, num_cpus=0.1, batch_format="numpy")
+    expected = read_split_table(sample_manifest, "train").column("label").to_numpy()
+
+    shard = EvalSplitDataConfig(preserve_order=True).configure(datasets, world_size=1, worker_handles=None, worker_node_ids=[None])[0]["train"]
+    for _ in range(2):
+        labels = np.concatenate([batch["label"] for batch in shard.iter_batches(batch_size=64, batch_format="numpy")])
+        assert np.array_equal(labels, expected), "the train rows came out of shard order"

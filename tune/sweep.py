@@ -33,7 +33,7 @@ from pipelines.datasets import Manifest, load_manifest
 from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import resolve_model_path
 from pipelines.storage import resolve
-from pipelines.streaming import DataResources, tokenized_splits
+from pipelines.streaming import DataResources
 from pipelines.tokenization import TokenizerSettings, load_tokenizer
 from tune.settings import SweepConfig
 
@@ -185,11 +185,11 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         except Exception:  # already logged before a resume
             pass
     manifest = load_manifest(context.dataset_uri)
-    datasets = tokenized_splits(
+    datasets = fine_tune.training_datasets(
         manifest,
         TokenizerSettings(context.model_path, config.max_length, config.truncation),
-        resources=DataResources(**context.data_resources),
-        group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
+        config,
+        DataResources(**context.data_resources),
     )
     loop_config = {
         **fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id),

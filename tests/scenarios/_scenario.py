@@ -50,29 +50,10 @@ def free_port() -> int:
 
 
 def build_tiny_model(folder: Path) -> str:
-    """A 2-layer, 64-wide random BERT with the bundled tokenizer (as tests/conftest.py)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    """The tests' tiny random BERT (tests/tiny_model.py)."""
+    from tests.tiny_model import build_tiny_model as build
 
-    from pipelines.tokenization import default_model_path
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        num_labels=2,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return build(folder)
 
 
 def prepare_sample(storage: Path, train_per_label: int = 150, test_per_label: int = 50):
