@@ -92,6 +92,12 @@ class TrainConfig:
         "feed rows in the same order on every run (Ray Data preserve_order), so the same --seed and data "
         "give the same model with one worker; off lets whichever block is ready first go first",
     )
+    cache_tokenized: str = field(
+        "auto",
+        "tokenize once before training and keep the token ids in Ray's object store, instead of reading and "
+        "tokenizing again every epoch; auto = when they fill under 10%% of the object store",
+        choices=("auto", "yes", "no"),
+    )
     num_workers: int = field(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=USE_GPU_CHOICES)
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")

@@ -155,14 +155,29 @@ class EvalSplitDataConfig(DataConfig):
         return output
 
 
+# --cache-tokenized auto: cache when the token ids fill under this share of the object store
+CACHE_STORE_FRACTION = 0.10
+# bytes per token in the object store: int32 ids plus Arrow offsets and block overhead
+CACHE_BYTES_PER_TOKEN = 6
+
+
+def should_cache_tokenized(config: TrainConfig, manifest: Manifest) -> bool:
+    if config.cache_tokenized != "auto":
+        return config.cache_tokenized == "yes"
+    rows = sum(info.rows for info in manifest.splits.values())
+    needed = rows * config.max_length * CACHE_BYTES_PER_TOKEN  # an upper bound: most reviews are shorter
+    return needed < CACHE_STORE_FRACTION * runtime.object_store_bytes()
+
+
 def training_datasets(manifest: Manifest, tokenizer: TokenizerSettings, config: TrainConfig, resources: DataResources) -> dict:
-    """The lazy tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
+    """The tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
     return tokenized_splits(
         manifest,
         tokenizer,
         resources=resources,
         group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
         seed=config.seed,
+        cache=should_cache_tokenized(config, manifest),
     )
 
 

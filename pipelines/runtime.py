@@ -115,3 +115,8 @@ def cluster_cpus() -> float:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def object_store_bytes() -> float:
+    """The cluster's object store capacity (every node's together)."""
+    return float(ray.cluster_resources().get("object_store_memory", 0))

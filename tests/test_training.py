@@ -168,7 +168,8 @@ def test_worker_failure_resumes_from_checkpoint(ray_session, sample_manifest, tm
     from pipelines.fine_tune import run_training
 
     marker = tmp_path / "fault-injected"
-    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=2, register_as="fault-imdb")
+    # the lazy pipeline (read + tokenize every epoch) under a restart; other runs cache the token ids
+    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=2, register_as="fault-imdb", cache_tokenized="no")
     outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
     assert marker.exists(), "the failure was never injected"
     assert outcome.metrics["epochs_trained"] == "1,2", "every epoch trained exactly once"
@@ -254,6 +255,18 @@ def test_more_workers_than_the_cluster_holds(ray_session):
         plan_resources(TrainConfig(num_workers=4, batch_size=32))
     with pytest.raises(ConfigError, match="GPUs"):
         plan_resources(TrainConfig(use_gpu="yes"))
+
+
+@pytest.mark.timeout(120)
+def test_token_cache_is_used_when_it_fits_the_object_store(ray_session, sample_manifest, monkeypatch):
+    from pipelines import fine_tune, runtime
+
+    small = TrainConfig(max_length=64)
+    assert fine_tune.should_cache_tokenized(small, sample_manifest), "a few hundred reviews fit any object store"
+    assert not fine_tune.should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="no"), sample_manifest)
+    monkeypatch.setattr(runtime, "object_store_bytes", lambda: 1e6)  # 1 MB: far too small
+    assert not fine_tune.should_cache_tokenized(small, sample_manifest)
+    assert fine_tune.should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="yes"), sample_manifest)
 
 
 def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):
