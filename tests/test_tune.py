@@ -99,7 +99,7 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
 
 @pytest.mark.timeout(1500)
 def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir, tmp_path):
-    """SIGINT the sweep's driver after its first trial, then --resume finishes the rest in the same MLflow run."""
+    """SIGINT the sweep's driver after its first trial, then --resume runs the second in the same MLflow run."""
     import ray
 
     from tune.sweep import run_sweep
@@ -107,7 +107,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     storage = tmp_path / "storage"
     args = [
         sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir,
-        "--num-samples", "3", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
+        "--num-samples", "2", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
         "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
         "--ray-address", ray.get_runtime_context().gcs_address,
@@ -127,13 +127,13 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     marker = trial_results / "mlflow_parent_run_id"
     parent_before = marker.read_text().strip()
     config = SweepConfig(
-        data=sample_manifest.root.uri, model=tiny_model_dir, num_samples=3, max_concurrent=1, epochs=2, scheduler="fifo",
+        data=sample_manifest.root.uri, model=tiny_model_dir, num_samples=2, max_concurrent=1, epochs=2, scheduler="fifo",
         metric="val/loss", lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,), max_length=64, group_by_length=False, storage=str(storage),
         sweep_name="resume-me", resume=True, register_as="resume-sweep", experiment="sweep-tests",
     )
     outcome = run_sweep(config)
     assert outcome.parent_run_id == parent_before
-    assert len(outcome.trials) == 3
+    assert len(outcome.trials) == 2
     assert all(row["status"] == "completed" for row in outcome.trials), outcome.trials
     assert outcome.registered_version is not None
 
