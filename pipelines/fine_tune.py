@@ -169,11 +169,11 @@ def should_cache_tokenized(config: TrainConfig, manifest: Manifest) -> bool:
     return needed < CACHE_STORE_FRACTION * runtime.object_store_bytes()
 
 
-def training_datasets(manifest: Manifest, tokenizer: TokenizerSettings, config: TrainConfig, resources: DataResources) -> dict:
+def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources) -> dict:
     """The tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
     return tokenized_splits(
         manifest,
-        tokenizer,
+        TokenizerSettings(model_path, config.max_length, config.truncation),
         resources=resources,
         group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
         seed=config.seed,
@@ -320,7 +320,6 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
     manifest = resolve_dataset(config)
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)  # fails here, before Ray, if the model is wrong
-    tokenizer_settings = TokenizerSettings(model_path, config.max_length, config.truncation)
     tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
     experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
 
@@ -328,7 +327,7 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
     use_gpu, data_resources = plan_resources(config)
     # Ray Data's per-operator bars would drown the training's own progress lines
     DataContext.get_current().enable_progress_bars = False
-    datasets = training_datasets(manifest, tokenizer_settings, config, data_resources)
+    datasets = training_datasets(manifest, model_path, config, data_resources)
     run_name = config.run_name or new_run_name()
     resolve(config.storage).child("ray_results", run_name).makedirs()
     log_dir = Path(tempfile.mkdtemp(prefix="train-log-"))

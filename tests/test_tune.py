@@ -68,6 +68,8 @@ def test_every_trial_is_an_mlflow_child_run(sweep_outcome):
         history = client.get_metric_history(child.info.run_id, "val/loss")
         assert 1 <= len(history) <= config.epochs
         assert child.info.status in ("FINISHED", "KILLED")
+    logged_epochs = sum(len(client.get_metric_history(child.info.run_id, "val/loss")) for child in children)
+    assert logged_epochs == sum(row["epochs_run"] for row in outcome.trials), "one val/loss per epoch each trial ran"
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"trials.csv", "search_space.json", "val_accuracy_vs_lr.png"} <= artifacts
     assert parent.data.metrics["trial_epochs_used"] == sum(row["epochs_run"] for row in outcome.trials)

@@ -34,7 +34,7 @@ from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import resolve_model_path
 from pipelines.storage import resolve
 from pipelines.streaming import DataResources
-from pipelines.tokenization import TokenizerSettings, load_tokenizer
+from pipelines.tokenization import load_tokenizer
 from tune.settings import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,7 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         except Exception:  # already logged before a resume
             pass
     manifest = load_manifest(context.dataset_uri)
-    datasets = fine_tune.training_datasets(
-        manifest,
-        TokenizerSettings(context.model_path, config.max_length, config.truncation),
-        config,
-        DataResources(**context.data_resources),
-    )
+    datasets = fine_tune.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources))
     loop_config = {
         **fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id),
     }
