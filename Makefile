@@ -38,7 +38,7 @@ bench: setup
 	$(BIN)/python bench/train_overhead.py
 
 lock: setup
-	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.txt.new
+	$(BIN)/pip freeze --all --exclude pip --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:

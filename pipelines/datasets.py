@@ -6,14 +6,27 @@ Layout under the storage root:
     datasets/<name>/<version>/{train,val,test}/part-00000.parquet ...
     datasets/<name>/LATEST            (the newest version's id)
 
-A version is written into a hidden staging folder and renamed into place only when
-every shard and the manifest are written, so a reader sees a whole dataset or
-none. The manifest is the dataset's identity: readers open shards only through it.
+The manifest (every shard's path, rows, size and sha256) is the commit marker and
+the dataset's identity: readers open shards only through it, and only after
+checking that every shard it lists exists with the recorded size.
+
+- Local disk: a version is written into a hidden staging folder and renamed into
+  place with its manifest (atomic on POSIX).
+- Object stores (s3://, gs://) have no rename: shards go straight under the
+  version's prefix and the manifest is written last. A crash leaves shards without
+  a manifest, which no reader trusts; the next publish removes them (manifest
+  first, so a crash during the cleanup cannot leave a manifest without shards) and
+  writes the version again. Shards are deterministic (same rows, same bytes), so
+  two runs racing on one version overwrite each other with identical objects and
+  end with one valid version.
+
+`LATEST` moves only after the manifest is in place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -24,7 +37,7 @@ import pyarrow.parquet as pq
 
 from pipelines.errors import DataError
 from pipelines.sources import RawCorpus, SourceInfo
-from pipelines.storage import Location, resolve
+from pipelines.storage import Location, explain, resolve
 from pipelines.validation import label_counts
 
 MANIFEST_NAME = "manifest.json"
@@ -40,6 +53,7 @@ class ShardInfo:
     path: str  # relative to the version folder, so the folder can move
     rows: int
     bytes: int
+    sha256: str = ""  # empty in manifests written before checksums were recorded
 
 
 @dataclass
@@ -117,19 +131,21 @@ def dataset_root(storage: str, name: str) -> Location:
     return resolve(storage).child("datasets", name)
 
 
-def _write_split(split_dir: Location, texts: list[str], labels: list[int], rows_per_shard: int) -> list[ShardInfo]:
-    split_dir.makedirs()
+def _write_split(version_dir: Location, split: str, texts: list[str], labels: list[int], rows_per_shard: int) -> list[ShardInfo]:
+    """Each shard is serialized in memory (checksum and size known before it is stored), then written in one go."""
+    version_dir.child(split).makedirs()
     shards = []
     for index, start in enumerate(range(0, len(texts), rows_per_shard)):
         table = pa.table(
             {"text": texts[start : start + rows_per_shard], "label": labels[start : start + rows_per_shard]},
             schema=SCHEMA,
         )
-        shard = split_dir.child(f"part-{index:05d}.parquet")
-        pq.write_table(table, shard.path, filesystem=shard.filesystem, compression="zstd")
-        size = shard.filesystem.get_file_info(shard.path).size
-        relative = f"{split_dir.path.rsplit('/', 1)[-1]}/{shard.path.rsplit('/', 1)[-1]}"
-        shards.append(ShardInfo(path=relative, rows=table.num_rows, bytes=size))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        data = buffer.getvalue()
+        relative = f"{split}/part-{index:05d}.parquet"
+        version_dir.child(*relative.split("/")).write_bytes(data)
+        shards.append(ShardInfo(path=relative, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
     return shards
 
 
@@ -147,18 +163,17 @@ def publish(
     digest: str,
     force: bool = False,
 ) -> Manifest:
-    """Write shards + manifest to staging, then rename into datasets/<name>/<version>."""
+    """Write shards, then the manifest that commits them, into datasets/<name>/<version>."""
     store = dataset_root(storage, name)
     final = store.child(version)
-    staging = store.child(f".staging-{version}-{uuid.uuid4().hex[:8]}")
-    trash: Location | None = None
-    try:
+
+    def build_manifest(version_dir: Location) -> Manifest:
         split_infos = {}
         for split_name in SPLITS:
             split = splits[split_name]
-            files = _write_split(staging.child(split_name), split.texts, split.labels, rows_per_shard)
+            files = _write_split(version_dir, split_name, split.texts, split.labels, rows_per_shard)
             split_infos[split_name] = SplitInfo(rows=len(split), labels=label_counts(split.labels), files=files)
-        manifest = Manifest(
+        return Manifest(
             name=name,
             version=version,
             content_hash=digest,
@@ -169,12 +184,31 @@ def publish(
             cleaning=cleaning,
             warnings=warnings,
         )
+
+    try:
+        if final.is_object_store:
+            manifest = _publish_in_place(final, build_manifest, force)
+        else:
+            manifest = _publish_by_rename(store, final, build_manifest, force)
+        store.child(LATEST_NAME).write_text(version + "\n")  # only after the manifest
+    except OSError as exc:  # the object store refused (endpoint, credentials, bucket)
+        raise explain(exc, final.uri) from exc
+    manifest.root = final
+    return manifest
+
+
+def _publish_by_rename(store: Location, final: Location, build_manifest, force: bool) -> Manifest:
+    """Local disk: staging folder + manifest, renamed into place (the old version kept until then)."""
+    staging = store.child(f".staging-{final.path.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}")
+    trash: Location | None = None
+    try:
+        manifest = build_manifest(staging)
         # The manifest is written last: a folder without one is never a dataset.
         staging.child(MANIFEST_NAME).write_json(manifest.to_json())
         if final.exists():
             if not force:
                 raise DataError("this version exists already (use --force to rebuild it)", final.uri)
-            trash = store.child(f".trash-{version}-{uuid.uuid4().hex[:8]}")
+            trash = store.child(f".trash-{final.path.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}")
             final.move_to(trash)
         staging.move_to(final)
     except BaseException:
@@ -184,20 +218,61 @@ def publish(
         raise
     if trash is not None:
         trash.delete_dir()
-    store.child(LATEST_NAME).write_text(version + "\n")
-    manifest.root = final
     return manifest
 
 
+def _publish_in_place(final: Location, build_manifest, force: bool) -> Manifest:
+    """Object store: clear leftovers, write the shards under the version's prefix, the manifest last."""
+    manifest_file = final.child(MANIFEST_NAME)
+    if manifest_file.exists():
+        if not force:
+            raise DataError("this version exists already (use --force to rebuild it)", final.uri)
+        log.info("--force: removing %s before writing it again", final.uri)
+    elif final.exists():
+        log.warning("removing an unfinished earlier publish of %s (shards without a manifest)", final.uri)
+    remove_version(final)
+    manifest = build_manifest(final)
+    manifest_file.write_json(manifest.to_json())
+    return manifest
+
+
+def remove_version(version_dir: Location) -> None:
+    """Manifest first: from that moment no reader trusts the shards, which can then go."""
+    manifest_file = version_dir.child(MANIFEST_NAME)
+    if manifest_file.exists():
+        version_dir.filesystem.delete_file(manifest_file.path)
+    version_dir.delete_dir()
+
+
+def verify_shards(manifest: Manifest) -> None:
+    """Every shard the manifest lists exists with its recorded size, or one DataError naming it."""
+    assert manifest.root is not None
+    try:
+        sizes = manifest.root.file_sizes()
+    except OSError as exc:
+        raise explain(exc, manifest.uri) from exc
+    for split, info in manifest.splits.items():
+        for shard in info.files:
+            size = sizes.get(shard.path)
+            where = manifest.root.child(*shard.path.split("/")).uri
+            if size is None:
+                raise DataError(f"the manifest lists this {split} shard but it is missing: the dataset is damaged; prepare it again with --force", where)
+            if size != shard.bytes:
+                raise DataError(
+                    f"this {split} shard has {size} bytes, the manifest says {shard.bytes}: truncated or replaced; prepare it again with --force",
+                    where,
+                )
+
+
 def find_version(storage: str, name: str, version: str) -> Manifest | None:
-    """The manifest of datasets/<name>/<version>, or None if that version is absent."""
+    """The manifest of datasets/<name>/<version>, unchecked, or None if that version is not committed."""
     folder = dataset_root(storage, name).child(version)
     if not folder.child(MANIFEST_NAME).exists():
         return None
-    return _read(folder)
+    return _read(folder, verify=False)
 
 
-def _read(folder: Location) -> Manifest:
+def _read(folder: Location, verify: bool = True) -> Manifest:
     manifest_file = folder.child(MANIFEST_NAME)
     try:
         payload = manifest_file.read_json()
@@ -205,17 +280,30 @@ def _read(folder: Location) -> Manifest:
         raise DataError("no manifest.json here: not a prepared dataset (run python -m pipelines.prepare_imdb)", folder.uri) from exc
     except ValueError as exc:
         raise DataError(f"manifest.json is not valid JSON ({exc})", manifest_file.uri) from exc
+    except OSError as exc:
+        raise explain(exc, manifest_file.uri) from exc
     try:
-        return Manifest.from_json(payload, folder)
+        manifest = Manifest.from_json(payload, folder)
     except (KeyError, TypeError) as exc:
         raise DataError(f"manifest.json is missing or has a malformed field ({exc})", manifest_file.uri) from exc
+    if verify:
+        verify_shards(manifest)
+    return manifest
 
 
 def load_manifest(reference: str, storage: str | None = None) -> Manifest:
     """Find a dataset by manifest path, version folder, dataset folder, or name.
 
     `imdb` -> <storage>/datasets/imdb/LATEST; `imdb/<version>` works too.
+    The version's shards are checked against the manifest before it is returned.
     """
+    try:
+        return _find_manifest(reference, storage)
+    except OSError as exc:  # an object store that cannot be reached or refuses us
+        raise explain(exc, reference if "://" in reference else (storage or reference)) from exc
+
+
+def _find_manifest(reference: str, storage: str | None) -> Manifest:
     if reference == MANIFEST_NAME or reference.endswith("/" + MANIFEST_NAME):
         reference = reference[: -len(MANIFEST_NAME)].rstrip("/") or ("/" if reference.startswith("/") else ".")
     candidates: list[Location] = []

@@ -51,6 +51,7 @@ def version_id(digest: str, settings: dict) -> str:
 
 
 def prepare_dataset(config: PrepareConfig) -> PrepareResult:
+    resolve(config.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     corpus, source_info = resolve_source(config.source_uri, cache_dir_for(config), config.seed, config.progress)
     validation.check_rows(corpus)
     cleaned, report = cleaning.clean_corpus(corpus)
@@ -62,6 +63,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     version = config.version or version_id(digest, settings)
 
     existing = datasets.find_version(config.storage, config.name, version)
+    rebuild = config.force
     if existing is not None and not config.force:
         if existing.content_hash != digest:
             # a named version (--version) that holds other data: never overwrite it silently
@@ -70,8 +72,15 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
                 f"vs {digest[:12]}); pick another --version or pass --force",
                 existing.uri,
             )
-        _point_latest_at(config, version)
-        return PrepareResult(existing, created=False)
+        try:
+            datasets.verify_shards(existing)
+        except DataError as damage:
+            # the same content, but shards lost or cut short: this run can write them again
+            log.warning("%s; writing the version again", damage)
+            rebuild = True
+        else:
+            _point_latest_at(config, version)
+            return PrepareResult(existing, created=False)
 
     manifest = datasets.publish(
         splits,
@@ -84,7 +93,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         warnings=warnings,
         rows_per_shard=config.rows_per_shard,
         digest=digest,
-        force=config.force,
+        force=rebuild,
     )
     return PrepareResult(manifest, created=True)
 

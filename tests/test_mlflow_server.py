@@ -7,7 +7,11 @@ tested elsewhere; here it would only cost minutes). Then:
   model and the `champion` alias over HTTP, and serves the UI;
 - `platform/mlflow/start_mlflow_server.sh --daemon`, the way cluster.yaml starts it on the
   head, takes its settings from the environment, proxies artifacts from a client that has
-  no access to the artifact folder, and `--stop` stops it.
+  no access to the artifact folder, and `--stop` stops it;
+- the cluster's set-up with real servers on 127.0.0.1 (tests/services.py): the start script
+  over PostgreSQL with artifacts proxied to S3 (moto); a client that knows only the tracking
+  URI logs, registers and sets `champion`, and the rows land in PostgreSQL, the files in the
+  bucket. An unreachable database or a missing bucket stops the script with one line.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -205,3 +211,118 @@ def test_start_script_rejects_unknown_arguments_and_prints_help():
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
     usage = subprocess.run([str(START_SCRIPT), "--help"], capture_output=True, text=True, timeout=30, env=server_env())
     assert usage.returncode == 0 and "--daemon" in usage.stdout
+
+
+# --- the cluster's tracking service, with real servers: PostgreSQL, S3 (moto), MLflow ---
+
+BUCKET = "imdb-mlflow"
+ARTIFACT_PREFIX = "artifacts"
+CLUSTER_MODEL = "imdb-sentiment-cluster"
+
+# What a job on a worker node does. Its environment holds the tracking URI and nothing else:
+# no AWS variable, no ~/.aws; artifacts travel through the server's proxy.
+CLIENT_SCRIPT = r"""
+import json, os, sys, tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+assert not [k for k in os.environ if k.startswith("AWS_")], "the client must have no storage credentials"
+client = MlflowClient()  # MLFLOW_TRACKING_URI
+experiment_id = client.create_experiment("cluster-rehearsal")
+run_id = client.create_run(experiment_id, run_name="pg-s3").info.run_id
+client.log_param(run_id, "lr", "5e-05")
+client.log_metric(run_id, "test/accuracy", 0.91, step=1)
+client.log_dict(run_id, {"matrix": [[45, 5], [4, 46]]}, "confusion_matrix.json")
+with tempfile.TemporaryDirectory() as folder:
+    (Path(folder) / "weights.bin").write_bytes(b"\0" * 1024)
+    client.log_artifacts(run_id, folder, "model")
+client.set_terminated(run_id)
+client.create_registered_model(sys.argv[1])
+version = client.create_model_version(sys.argv[1], source=f"runs:/{run_id}/model", run_id=run_id)
+client.set_registered_model_alias(sys.argv[1], "champion", version.version)
+print(json.dumps({
+    "run_id": run_id,
+    "version": str(version.version),
+    "artifact_location": client.get_experiment(experiment_id).artifact_location,
+    "champion_run": client.get_model_version_by_alias(sys.argv[1], "champion").run_id,
+    "matrix": mlflow.artifacts.load_dict(f"runs:/{run_id}/confusion_matrix.json")["matrix"],
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster_tracking(tmp_path_factory):
+    """S3 (moto) with a bucket, PostgreSQL, and the start script's server over both."""
+    from tests.services import MlflowServer, PostgresServer, S3Server
+
+    workdir = tmp_path_factory.mktemp("cluster-tracking")
+    with S3Server(workdir) as s3, PostgresServer(workdir) as pg:
+        s3.create_bucket(BUCKET)
+        with MlflowServer(workdir, pg.uri, f"s3://{BUCKET}/{ARTIFACT_PREFIX}", extra_env=s3.env()) as server:
+            yield SimpleNamespace(s3=s3, pg=pg, server=server, workdir=workdir)
+
+
+@pytest.mark.timeout(150)
+def test_server_over_postgres_and_s3_serves_a_client_that_has_only_the_tracking_uri(cluster_tracking, tmp_path):
+    s3, pg, server = cluster_tracking.s3, cluster_tracking.pg, cluster_tracking.server
+    env = {"PATH": os.defpath, "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": server.uri, "LANG": "C.UTF-8"}
+    done = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, CLUSTER_MODEL], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = json.loads(done.stdout.strip().splitlines()[-1])
+    run_id = client["run_id"]
+    assert client["artifact_location"].startswith("mlflow-artifacts:")  # proxied, not s3:// for the client
+    assert client["champion_run"] == run_id
+    assert client["matrix"] == [[45, 5], [4, 46]]  # read back through the proxy
+
+    # the backend store is PostgreSQL: the rows are there
+    assert pg.query("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)) == [("FINISHED",)]
+    assert pg.query("SELECT key, value, step FROM metrics WHERE run_uuid = %s", (run_id,)) == [("test/accuracy", pytest.approx(0.91), 1)]
+    assert pg.query("SELECT version, run_id FROM model_versions WHERE name = %s", (CLUSTER_MODEL,)) == [(int(client["version"]), run_id)]
+    assert pg.query("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (CLUSTER_MODEL,)) == [("champion", int(client["version"]))]
+
+    # the artifacts are objects in the bucket, under the artifact root's prefix
+    keys = s3.list_keys(BUCKET, ARTIFACT_PREFIX + "/")
+    for name in ("confusion_matrix.json", "model/weights.bin"):
+        assert [k for k in keys if k.endswith(f"/{run_id}/artifacts/{name}")], (name, keys)
+
+
+def start_script_failure(tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = server_env(MLFLOW_HOME=str(tmp_path / "mlflow-home"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(free_port()), **settings)
+    started = time.monotonic()
+    result = subprocess.run([str(START_SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.timeout(90)
+def test_start_script_stops_with_one_line_when_postgres_does_not_answer(tmp_path):
+    port = free_port()  # nothing listens there
+    uri = f"postgresql://mlflow:hunter22@127.0.0.1:{port}/mlflow"
+    result, took_s = start_script_failure(tmp_path, MLFLOW_BACKEND_STORE_URI=uri)
+    assert result.returncode != 0 and took_s < 20, (result.returncode, took_s)
+    assert result.stdout == ""  # the server never started
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"postgresql://mlflow:***@127.0.0.1:{port}/mlflow" in lines[0]
+    assert "hunter22" not in result.stderr
+    assert "refused" in lines[0].lower() or "could not connect" in lines[0].lower()
+
+
+@pytest.mark.timeout(90)
+def test_start_script_stops_with_one_line_when_the_artifact_bucket_is_missing(tmp_path):
+    from tests.services import S3Server
+
+    with S3Server(tmp_path) as s3:
+        result, took_s = start_script_failure(
+            tmp_path,
+            MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path}/mlflow.db",
+            MLFLOW_ARTIFACT_ROOT="s3://no-such-bucket/artifacts",
+            **s3.env(),
+        )
+    assert result.returncode != 0 and took_s < 20, (result.returncode, took_s)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "no-such-bucket" in lines[0] and "no such bucket" in lines[0]

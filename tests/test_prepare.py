@@ -21,6 +21,7 @@ from pipelines.datasets import load_manifest, read_split_table
 from pipelines.errors import ConfigError, DataError
 from pipelines.prepare import prepare_dataset
 from pipelines.sample_corpus import write_sample_corpus
+from pipelines.storage import StorageError
 from pipelines.sources import RawSplit, fingerprint, read_folder
 
 pytestmark = pytest.mark.timeout(60)
@@ -202,11 +203,11 @@ def failing_after_first_split(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = datasets._write_split
     calls: list[str] = []
 
-    def flaky(split_dir, texts, labels, rows_per_shard):
-        calls.append(split_dir.path)
+    def flaky(version_dir, split, texts, labels, rows_per_shard):
+        calls.append(split)
         if len(calls) > 1:
             raise OSError("disk full (simulated)")
-        return real(split_dir, texts, labels, rows_per_shard)
+        return real(version_dir, split, texts, labels, rows_per_shard)
 
     monkeypatch.setattr(datasets, "_write_split", flaky)
     return calls
@@ -217,7 +218,8 @@ def test_failure_while_writing_leaves_no_version_and_latest_unchanged(
 ) -> None:
     old = prepare_dataset(config(corpus_dir, tmp_path, val_fraction=0.1)).manifest
     calls = failing_after_first_split(monkeypatch)
-    with pytest.raises(OSError, match="disk full"):
+    # one line naming the storage and the reason, not a traceback
+    with pytest.raises(StorageError, match=r"storage .*: disk full"):
         prepare_dataset(config(corpus_dir, tmp_path, val_fraction=0.2))
     assert len(calls) == 2  # the first split really was written before the failure
     assert sorted(p.name for p in store(tmp_path).iterdir()) == sorted(["LATEST", old.version])
@@ -228,7 +230,7 @@ def test_failure_while_writing_leaves_no_version_and_latest_unchanged(
 
 def test_failure_on_first_prepare_leaves_no_dataset(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     failing_after_first_split(monkeypatch)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError):
         prepare_dataset(config(corpus_dir, tmp_path))
     root = store(tmp_path)
     assert not root.exists() or list(root.iterdir()) == []
@@ -241,7 +243,7 @@ def test_failed_force_rebuild_keeps_the_old_version(corpus_dir: Path, tmp_path: 
     version_dir = store(tmp_path) / old.version
     before = mtimes(version_dir)
     failing_after_first_split(monkeypatch)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError):
         prepare_dataset(config(corpus_dir, tmp_path, force=True))
     assert mtimes(version_dir) == before
     assert leftovers(tmp_path) == []

@@ -27,6 +27,13 @@
 #   MLFLOW_HOME               state folder: default SQLite file, local artifacts, pid and log
 #                             (default ~/mlflow)
 #   MLFLOW_BIN                the mlflow executable (default: `mlflow` on PATH)
+#   MLFLOW_PYTHON             the python of mlflow's environment, for the checks below
+#                             (default: `python` beside MLFLOW_BIN, else python3)
+#
+# Before starting, a postgresql:// backend store must accept a connection and an s3:// artifact
+# root (when proxied) must be a reachable bucket (endpoint from MLFLOW_S3_ENDPOINT_URL or
+# AWS_ENDPOINT_URL, credentials from the standard AWS sources); otherwise the script prints one
+# line naming the database or bucket and what is wrong, and exits 1.
 set -euo pipefail
 
 MLFLOW_HOME="${MLFLOW_HOME:-$HOME/mlflow}"
@@ -101,6 +108,94 @@ stop_daemon() {
   fi
 }
 
+# the URI with any password masked, for messages
+redacted() { sed -E 's#^([^:/]+://[^:/@]+):[^@]*@#\1:***@#' <<< "$1"; }
+
+check_backend_store() {
+  # the driver's reason, first line only: '... port 5432 failed: Connection refused'
+  "$MLFLOW_PYTHON" - "$BACKEND_STORE_URI" << 'EOF'
+import sys
+
+uri = sys.argv[1]
+try:
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(uri)
+    shown = url.render_as_string(hide_password=True)
+    connect_args = {"connect_timeout": 5} if url.get_driver_name() in ("psycopg2", "psycopg") else {}
+    engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+except ImportError as error:  # SQLAlchemy 2.1 opens postgresql:// with psycopg (3)
+    package = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary"}.get(error.name, error.name)
+    sys.exit(f"mlflow server: cannot check the backend store: {error.name} is not installed for {sys.executable} (pip install '{package}')")
+except Exception as error:
+    sys.exit(f"mlflow server: bad backend store URI: {str(error).splitlines()[0]}")
+try:
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")
+except Exception as error:
+    reason = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    sys.exit(f"mlflow server: cannot connect to the backend store {shown}: {lines[0] if lines else type(reason).__name__}")
+EOF
+}
+
+check_artifact_bucket() {
+  "$MLFLOW_PYTHON" - "$ARTIFACT_ROOT" << 'EOF'
+import os
+import sys
+from urllib.parse import urlparse
+
+root = sys.argv[1]
+bucket = urlparse(root).netloc
+# mlflow's S3 store takes MLFLOW_S3_ENDPOINT_URL first; boto3 itself reads AWS_ENDPOINT_URL(_S3)
+endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+shown = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+if not bucket:
+    sys.exit(f"mlflow server: no bucket in the artifact root {root}")
+try:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+except ImportError as error:
+    sys.exit(f"mlflow server: cannot check bucket {bucket}: {error.name} is not installed for {sys.executable} (pip install boto3)")
+try:
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        verify=os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() != "true",
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}),
+    )
+    client.head_bucket(Bucket=bucket)
+except ClientError as error:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status == 404 or code in ("404", "NoSuchBucket"):
+        reason = "no such bucket"
+    elif status == 403 or code in ("403", "AccessDenied"):
+        reason = "access denied (check this server's AWS credentials)"
+    else:
+        reason = f"{code or status}: {error}"
+except (EndpointConnectionError, ConnectTimeoutError) as error:
+    reason = f"endpoint unreachable ({error})"
+except NoCredentialsError:
+    reason = "no AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role)"
+except (BotoCoreError, ValueError) as error:
+    reason = str(error).splitlines()[0]
+else:
+    sys.exit(0)
+sys.exit(f"mlflow server: artifact bucket {bucket} at {shown} is not usable: {reason}")
+EOF
+}
+
+check_stores() {
+  if [[ "$BACKEND_STORE_URI" == postgresql* ]]; then
+    check_backend_store || exit 1
+  fi
+  if [[ "$SERVE_ARTIFACTS" == "true" && "$ARTIFACT_ROOT" == s3://* ]]; then
+    check_artifact_bucket || exit 1
+  fi
+}
+
 mode="${1:-foreground}"
 case "$mode" in
   -h | --help) usage; exit 0 ;;
@@ -109,20 +204,25 @@ case "$mode" in
   *) echo "unknown argument: $mode" >&2; usage >&2; exit 2 ;;
 esac
 
-command -v "$MLFLOW_BIN" > /dev/null || { echo "mlflow not found (MLFLOW_BIN=$MLFLOW_BIN): install this project first" >&2; exit 1; }
+MLFLOW_PATH="$(command -v "$MLFLOW_BIN")" || { echo "mlflow not found (MLFLOW_BIN=$MLFLOW_BIN): install this project first" >&2; exit 1; }
+if [[ -z "${MLFLOW_PYTHON:-}" ]]; then
+  MLFLOW_PYTHON="$(dirname "$MLFLOW_PATH")/python"
+  [[ -x "$MLFLOW_PYTHON" ]] || MLFLOW_PYTHON=python3
+fi
+if [[ "$mode" == "--daemon" ]] && is_up; then
+  echo "an MLflow server already answers at $(health_url)"
+  exit 0
+fi
 prepare_local_paths
+check_stores
 mapfile -t ARGS < <(server_args)
-# the backend URI may hold a user name; never a password (see above), so it can be printed
-echo "mlflow server: backend $BACKEND_STORE_URI, artifacts $ARTIFACT_ROOT (proxied: $SERVE_ARTIFACTS), http://$HOST:$PORT, $WORKERS worker(s)"
+# the backend URI may hold a user name; never a password (see above); masked all the same
+echo "mlflow server: backend $(redacted "$BACKEND_STORE_URI"), artifacts $ARTIFACT_ROOT (proxied: $SERVE_ARTIFACTS), http://$HOST:$PORT, $WORKERS worker(s)"
 
 if [[ "$mode" != "--daemon" ]]; then
   exec "$MLFLOW_BIN" "${ARGS[@]}"
 fi
 
-if is_up; then
-  echo "an MLflow server already answers at $(health_url)"
-  exit 0
-fi
 # setsid + nohup: the server outlives the SSH session of `ray up`
 setsid nohup "$MLFLOW_BIN" "${ARGS[@]}" >> "$LOG_FILE" 2>&1 < /dev/null &
 echo $! > "$PID_FILE"
