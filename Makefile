@@ -1,6 +1,8 @@
 # The two commands in README.md:
 #   make train   set up .venv and run the main job on the embedded default
 #   make test    set up .venv and run the test suite (what CI runs)
+# bash: the postgresql target uses compgen
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup train test test-fast bench lock clean
+.PHONY: setup postgresql train test test-fast rehearsal bench lock clean
 
 setup: $(STAMP)
 
@@ -25,14 +27,28 @@ endif
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# The MLflow server tests and the rehearsal start a real PostgreSQL (tests/services.py).
+# Debian keeps initdb in /usr/lib/postgresql/<version>/bin, off PATH. Installed here when
+# missing and we are root with apt-get (CI); otherwise the message says what to install.
+postgresql:
+	@command -v initdb > /dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' > /dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql > /dev/null; } || \
+	  { echo "PostgreSQL is needed by the tests: install Debian's postgresql package (sudo apt-get install postgresql)" >&2; exit 1; }
+
 train: setup
 	$(BIN)/python -m pipelines.train_imdb --data sample --epochs 1 --max-length 128 --batch-size 16 $(ARGS)
 
-test: setup
+test: setup postgresql
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# the whole cluster on one machine: S3 (moto), PostgreSQL, the MLflow server, a Ray head and
+# two worker nodes with nothing shared but the bucket and MLflow (tests/scenarios/cluster_rehearsal.py)
+rehearsal: setup postgresql
+	$(BIN)/python tests/scenarios/cluster_rehearsal.py "$$(mktemp -d -t rehearsal-XXXXXX)"
 
 bench: setup
 	$(BIN)/python bench/train_overhead.py

@@ -17,6 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -84,35 +85,45 @@ def resolve_dataset(config: TrainConfig) -> Manifest:
 
 # --- sizing the run to the cluster --------------------------------------------------
 
-def wait_for_autoscaler(config: TrainConfig) -> None:
-    """On an autoscaling cluster (`ray up`, KubeRay) ask for the workers' resources and wait.
+def wants_gpus(config: TrainConfig) -> bool:
+    """--use-gpu yes, or auto on a cluster whose node types can add GPUs for every worker."""
+    if config.use_gpu != "auto":
+        return config.use_gpu == "yes"
+    if runtime.cluster_gpus() >= config.num_workers:
+        return True
+    possible = runtime.autoscaler_max_gpus()
+    return possible is not None and possible >= config.num_workers
 
-    GPU worker types start at 0 nodes: without this request the checks below would
-    refuse a run that the autoscaler could have served. Local clusters cannot grow,
-    so they are left to fail at once with the numbers.
+
+@contextmanager
+def requested_resources(config: TrainConfig) -> Iterator[None]:
+    """On an autoscaling cluster (`ray up`, KubeRay): ask for the workers' resources, wait, withdraw at the end.
+
+    GPU worker types start at 0 nodes: without this request the checks of
+    plan_resources would refuse a run that the autoscaler could have served, and
+    --use-gpu auto would train on CPUs because no GPU node happened to be up. Local
+    clusters cannot grow: they fail at once with the numbers.
     """
     if not (config.ray_address or os.environ.get("RAY_ADDRESS")) or runtime.is_local_cluster():
+        yield
         return
-    gpus_wanted = config.num_workers if config.use_gpu == "yes" else 0
+    gpus_wanted = config.num_workers if wants_gpus(config) else 0
     bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if gpus_wanted else {})}
-    from ray.autoscaler.sdk import request_resources
 
-    try:
-        request_resources(bundles=[bundle] * config.num_workers)
-    except Exception as exc:  # a cluster without an autoscaler: nothing to ask
-        log.info("no autoscaler to ask for resources (%s)", exc)
-        return
-    deadline = time.monotonic() + float(os.environ.get("PLATFORM_RESOURCE_WAIT_S", "900"))
-    while time.monotonic() < deadline:
-        if runtime.cluster_cpus() >= config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE and runtime.cluster_gpus() >= gpus_wanted:
-            return
-        log.info("waiting for the autoscaler: %d worker(s) of %s", config.num_workers, bundle)
-        time.sleep(10)
+    def ready() -> bool:
+        return (runtime.cluster_cpus() >= config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE
+                and runtime.cluster_gpus() >= gpus_wanted)
+
+    what = f"{config.num_workers} worker(s) of {bundle}"
+    with runtime.autoscaler_request([bundle] * config.num_workers, ready, what, float(os.environ.get("PLATFORM_RESOURCE_WAIT_S", "900"))):
+        yield
 
 
 def plan_resources(config: TrainConfig) -> tuple[bool, DataResources]:
-    """(use GPUs?, data pipeline sizing); errors if the workers cannot fit."""
-    wait_for_autoscaler(config)
+    """(use GPUs?, data pipeline sizing); errors if the workers cannot fit.
+
+    Call it inside `requested_resources(config)` on an autoscaling cluster.
+    """
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     use_gpu = {"yes": True, "no": False, "auto": gpus >= config.num_workers}[config.use_gpu]
     if use_gpu and gpus < config.num_workers:
@@ -163,7 +174,15 @@ CACHE_BYTES_PER_TOKEN = 6
 
 def should_cache_tokenized(config: TrainConfig, manifest: Manifest) -> bool:
     if config.cache_tokenized != "auto":
+        if config.cache_tokenized == "yes" and runtime.alive_node_count() > 1:
+            log.warning("--cache-tokenized yes on a multi-node cluster: a node lost mid-run takes its cached blocks "
+                        "with it and the run cannot resume (use auto or no to stream instead)")
         return config.cache_tokenized == "yes"
+    if runtime.alive_node_count() > 1:
+        # cached blocks live in the object store of the node that made them; when that node
+        # is lost, Ray Data cannot rebuild them (seen in the cluster rehearsal: restarted
+        # workers fail with ReferenceCountingAssertionError), so a cluster streams instead
+        return False
     rows = sum(info.rows for info in manifest.splits.values())
     needed = rows * config.max_length * CACHE_BYTES_PER_TOKEN  # an upper bound: most reviews are shorter
     return needed < CACHE_STORE_FRACTION * runtime.object_store_bytes()
@@ -317,6 +336,7 @@ def model_requirements() -> list[str]:
 
 def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> TrainingOutcome:
     """Train, record and register; `loop_overrides` adds keys to the worker config (test hooks)."""
+    resolve(config.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     manifest = resolve_dataset(config)
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)  # fails here, before Ray, if the model is wrong
@@ -324,6 +344,13 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
     experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
 
     runtime.init_ray(config.ray_address)
+    with requested_resources(config):
+        outcome = _train_on_cluster(config, manifest, model_path, tokenizer, tracking_uri, experiment_id, loop_overrides)
+    _print_summary(outcome, config)
+    return outcome
+
+
+def _train_on_cluster(config, manifest, model_path, tokenizer, tracking_uri, experiment_id, loop_overrides) -> TrainingOutcome:
     use_gpu, data_resources = plan_resources(config)
     # Ray Data's per-operator bars would drown the training's own progress lines
     DataContext.get_current().enable_progress_bars = False
@@ -344,7 +371,6 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
             if mlflow.active_run():
                 mlflow.log_artifact(str(log_path))
         mlflow.end_run()
-    _print_summary(outcome, config)
     return outcome
 
 

@@ -11,6 +11,9 @@ import logging
 import os
 import shutil
 import socket
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import ray
 
@@ -27,6 +30,14 @@ PASSTHROUGH_ENV = (
     "MLFLOW_TRACKING_URI",
     "PLATFORM_STORAGE",
     "PLATFORM_FAIL_AT_EPOCH",  # fault-injection switch used by the tests
+    # where the object store is; never the credentials: a runtime environment is shown
+    # in the dashboard, and every node has its own (instance profile, env, secret)
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "MLFLOW_S3_ENDPOINT_URL",
 )
 MIN_OBJECT_STORE = 256 * 1024**2
 MAX_LOCAL_OBJECT_STORE = 4 * 1024**3
@@ -117,6 +128,60 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def alive_node_count() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def object_store_bytes() -> float:
     """The cluster's object store capacity (every node's together)."""
     return float(ray.cluster_resources().get("object_store_memory", 0))
+
+
+# --- the autoscaler ------------------------------------------------------------------
+
+def autoscaler_max_gpus() -> float | None:
+    """How many GPUs the cluster's node types could add up to, or None when no autoscaler says.
+
+    Read from the cluster config the autoscaler publishes in the GCS (Ray Data reads it
+    the same way); a private API, so any failure means "unknown".
+    """
+    try:
+        import ray._private.state
+
+        maximum = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - older/newer Ray, no autoscaler: unknown
+        return None
+    return float(maximum.get("GPU", 0)) if maximum else None
+
+
+@contextmanager
+def autoscaler_request(bundles: list[dict], ready: Callable[[], bool], what: str, timeout_s: float) -> Iterator[bool]:
+    """Ask the autoscaler for `bundles`, wait (bounded) until `ready()`, withdraw on exit.
+
+    A request stays in force until replaced: without the withdrawal, the nodes a job
+    asked for (GPU nodes included) would stay up after it ends. The withdrawal runs on
+    success, failure and Ctrl-C alike. Yields whether an autoscaler took the request.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=bundles)
+    except Exception as exc:  # noqa: BLE001 - a cluster without an autoscaler: nothing to ask
+        log.info("no autoscaler to ask for resources (%s)", exc)
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                log.warning("the autoscaler did not provide %s within %.0f s; going on with what is up", what, timeout_s)
+                break
+            log.info("waiting for the autoscaler: %s (up to %.0f s more)", what, deadline - time.monotonic())
+            time.sleep(10)
+        yield True
+    finally:
+        try:
+            request_resources(bundles=[])
+            log.info("withdrew the autoscaler request for %s", what)
+        except Exception as exc:  # noqa: BLE001 - the cluster may be gone already
+            log.warning("could not withdraw the autoscaler request for %s: %s", what, exc)

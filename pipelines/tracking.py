@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from pipelines.errors import ConfigError
-from pipelines.storage import is_remote, resolve
+from pipelines.storage import DEFAULT_STORAGE, is_remote, resolve
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlflow"
@@ -43,11 +43,16 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
     artifact_root = None
     if not uri:
         if is_remote(storage):
-            raise ConfigError(
-                f"--storage {storage} is remote: set --tracking-uri or $MLFLOW_TRACKING_URI to an MLflow "
-                "server (a SQLite file cannot be shared between nodes)"
+            # an object store cannot hold a SQLite file: the store goes to this machine's
+            # cache (never the current directory), and the user is told so
+            uri, artifact_root = local_store(DEFAULT_STORAGE)
+            print(
+                f"MLflow: no --tracking-uri or $MLFLOW_TRACKING_URI, so runs and models go to {uri} on this "
+                "machine only; on a cluster, set MLFLOW_TRACKING_URI to the MLflow server",
+                flush=True,
             )
-        uri, artifact_root = local_store(storage)
+        else:
+            uri, artifact_root = local_store(storage)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri, artifact_root

@@ -238,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     http.add_argument("--route-prefix", default="/", help="URL prefix of the app (default: %(default)s)")
     http.add_argument("--request-timeout-s", type=float, default=30.0, help="the proxy answers 408 after this long (default: %(default)s)")
     http.add_argument("--app-name", default=APP_NAME, help="Serve application name (default: %(default)s)")
+    http.add_argument(
+        "--proxy-location", default="EveryNode", choices=("EveryNode", "HeadOnly"),
+        help="where Serve runs HTTP proxies: every node (behind a load balancer), or the head only (default: %(default)s)",
+    )
     http.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
     source, serving, scaling = (from_namespace(cls, args) for cls in (ModelSource, ServingConfig, ScalingSettings))
 
     version = check_model_exists(source, serving)
     init_ray(args.ray_address)
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    serve.start(
+        proxy_location=args.proxy_location,
+        http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
+    )
     try:
         serve.run(build_app(source, serving, **scaling.deployment_options()), name=args.app_name, route_prefix=args.route_prefix)
         base = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"

@@ -1,5 +1,8 @@
 """Multi-node behaviour on one machine: training across nodes, losing a node, losing a replica.
 
+The cluster rehearsal (cluster_rehearsal.py, also `make rehearsal`) goes further: real S3 and
+PostgreSQL servers and nodes that share no disk.
+
 Each scenario is a script under tests/scenarios/ run in its own process: it builds its own
 Ray (a `ray.cluster_utils.Cluster` of a head and worker nodes, or a local Ray for Serve),
 because a process joins one Ray cluster only and this one holds the session-wide Ray of
@@ -109,3 +112,17 @@ def test_killing_a_serve_replica_under_load_fails_no_request(tmp_path):
     assert result["killed_replica"] not in result["replicas_after"]
     assert len(result["replicas_after"]) == 2, "Serve replaced the killed replica"
     print("requests:", result["requests"], "retried:", result["retried_requests"], "recovery_s:", result["recovery_s"], "timings:", result["timings"])
+
+
+def test_cluster_rehearsal_nodes_share_only_s3_and_mlflow(tmp_path):
+    """make rehearsal: S3 + PostgreSQL + the MLflow server + a 3-node Ray with nothing shared on disk."""
+    result, output = run_scenario("cluster_rehearsal.py", str(tmp_path))
+
+    failed = [c["what"] for c in result["checks"] if not c["ok"]]
+    assert not failed and "error" not in result, f"failed checks: {failed}\n{result.get('error', '')}"
+    # every step ran and was checked, in this order: none skipped by an early error
+    assert len(result["checks"]) == 14, [c["what"] for c in result["checks"]]
+    assert result["stray_files"] == []
+    assert sorted(result["checkpoint_store_s"]) == ["1", "2", "3"], "a checkpoint per epoch (2, then 1 resumed), timed"
+    assert "PASSED: 14/14 checks" in output
+    print("timings:", result["timings"], "checkpoint store s:", result["checkpoint_store_s"])

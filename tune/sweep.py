@@ -341,51 +341,54 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
     experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
 
     runtime.init_ray(config.ray_address)
-    use_gpu, data_resources = fine_tune.plan_resources(config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data))
-    concurrency = plan_concurrency(config, use_gpu)
-    from ray.data import DataContext
+    probe = config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data)
+    # the autoscaler request covers the whole sweep and is withdrawn when it ends
+    with fine_tune.requested_resources(probe):
+        use_gpu, data_resources = fine_tune.plan_resources(probe)
+        concurrency = plan_concurrency(config, use_gpu)
+        from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
-    sweep_name = config.sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    parent_run_id = _start_parent_run(config, sweep_name, experiment_id)
-    try:
-        if not config.resume:
-            mlflow.log_params(tracking.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
-            mlflow.log_dict(
-                {"lr": {"min": config.lr_min, "max": config.lr_max, "distribution": "grid" if config.search == "grid" else "log-uniform",
-                        **({"grid": lr_grid(config)} if config.search == "grid" else {})},
-                 "batch_size": list(config.batch_sizes), "search": config.search, "scheduler": config.scheduler},
-                "search_space.json",
+        DataContext.get_current().enable_progress_bars = False
+        sweep_name = config.sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        parent_run_id = _start_parent_run(config, sweep_name, experiment_id)
+        try:
+            if not config.resume:
+                mlflow.log_params(tracking.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
+                mlflow.log_dict(
+                    {"lr": {"min": config.lr_min, "max": config.lr_max, "distribution": "grid" if config.search == "grid" else "log-uniform",
+                            **({"grid": lr_grid(config)} if config.search == "grid" else {})},
+                     "batch_size": list(config.batch_sizes), "search": config.search, "scheduler": config.scheduler},
+                    "search_space.json",
+                )
+            mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
+            context = SweepContext(
+                sweep=config.as_dict(), dataset_uri=manifest.root.uri, model_path=model_path,
+                pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
+                experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
+                data_resources=data_resources.as_dict(),
             )
-        mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
-        context = SweepContext(
-            sweep=config.as_dict(), dataset_uri=manifest.root.uri, model_path=model_path,
-            pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
-            experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
-            data_resources=data_resources.as_dict(),
-        )
-        result_grid = _tuner(config, context, concurrency, sweep_name).fit()
-        rows = summarize(result_grid, config)
-        client = MlflowClient(tracking_uri)
-        _close_child_runs(client, experiment_id, parent_run_id, rows)
-        _log_sweep_artifacts(rows)
-        finished = [row for row in rows if row["status"] == "completed" and row["test_accuracy"] is not None]
-        if not finished:
-            raise SweepFailed(f"no trial of sweep {sweep_name} finished; see the trials table in MLflow run {parent_run_id}")
-        best = finished[0]  # rows are sorted best first by --metric
-        mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "best/test_accuracy": best["test_accuracy"], "best/lr": best["lr"],
-                            "best/batch_size": best["batch_size"], "trial_epochs_used": sum(r["epochs_run"] for r in rows),
-                            "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
-        mlflow.set_tag("best_trial", best["trial_id"])
-        version, decision = _register_best(config, context, manifest, best, client)
-        mlflow.set_tags({"registered_model": config.register_as, "registered_version": version})
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
-    outcome = SweepOutcome(parent_run_id, sweep_name, rows, best, version, decision, tracking_uri)
-    print_summary(outcome, config)
-    return outcome
+            result_grid = _tuner(config, context, concurrency, sweep_name).fit()
+            rows = summarize(result_grid, config)
+            client = MlflowClient(tracking_uri)
+            _close_child_runs(client, experiment_id, parent_run_id, rows)
+            _log_sweep_artifacts(rows)
+            finished = [row for row in rows if row["status"] == "completed" and row["test_accuracy"] is not None]
+            if not finished:
+                raise SweepFailed(f"no trial of sweep {sweep_name} finished; see the trials table in MLflow run {parent_run_id}")
+            best = finished[0]  # rows are sorted best first by --metric
+            mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "best/test_accuracy": best["test_accuracy"], "best/lr": best["lr"],
+                                "best/batch_size": best["batch_size"], "trial_epochs_used": sum(r["epochs_run"] for r in rows),
+                                "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
+            mlflow.set_tag("best_trial", best["trial_id"])
+            version, decision = _register_best(config, context, manifest, best, client)
+            mlflow.set_tags({"registered_model": config.register_as, "registered_version": version})
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run()
+        outcome = SweepOutcome(parent_run_id, sweep_name, rows, best, version, decision, tracking_uri)
+        print_summary(outcome, config)
+        return outcome
 
 
 def _log_sweep_artifacts(rows: list[dict]) -> None:
