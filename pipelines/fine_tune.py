@@ -425,7 +425,7 @@ def _train_and_record(
         registered_version=version,
         gate=decision,
         tracking_uri=tracking_uri,
-        checkpoint_path=result.checkpoint.path,
+        checkpoint_path=resolve(config.storage).uri_of(result.checkpoint.path),
     )
 
 

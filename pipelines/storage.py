@@ -114,6 +114,16 @@ class Location:
     def write_json(self, payload: dict) -> None:
         self.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
+    def uri_of(self, path: str) -> str:
+        """A path that pyarrow or Ray gives back on this filesystem, as a URI anyone can open.
+
+        Object-store paths come back without their scheme ("bucket/key"), which every
+        reader would otherwise take for a local path.
+        """
+        if not self.is_object_store or "://" in path:
+            return path
+        return f"{self.uri.split('://', 1)[0]}://{path.lstrip('/')}"
+
     def write_bytes(self, data: bytes) -> None:
         """One object (object stores: a single PUT) or one file."""
         if not self.is_object_store:

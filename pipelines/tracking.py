@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,69 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
             )
         else:
             uri, artifact_root = local_store(storage)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri, artifact_root
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """An MLflow server or database that does not answer: one line now, not minutes of client retries then a traceback."""
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri)
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"/health answered HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"/health answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise ConfigError(f"MLflow tracking server {uri}: not reachable ({problem}); is it up, and is MLFLOW_TRACKING_URI right?")
+
+
+def _check_database(uri: str) -> None:
+    """One connection attempt (MLflow's own store retries for about two minutes first)."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = sqlalchemy.create_engine(uri, pool_pre_ping=False)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except (SQLAlchemyError, ImportError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"MLflow tracking store {without_password(uri)}: cannot connect ({reason[:300]})") from exc
+
+
 def ensure_experiment(name: str, artifact_root: str | None) -> str:
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = f"{artifact_root}/{name}" if artifact_root else None
+        return client.create_experiment(name, artifact_location=location)
+    except (MlflowException, SQLAlchemyError) as exc:
+        # a database URI used directly (postgresql://...) that refuses us, a server in trouble
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"MLflow tracking store {without_password(mlflow.get_tracking_uri())}: {first_line[:300]}") from exc
+
+
+def without_password(uri: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (safe to print)."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
 
 
 def start_or_resume_run(marker, *, resume: bool, experiment_id: str, run_name: str, kind: str, name_flag: str, log_system_metrics: bool = False) -> str:

@@ -210,3 +210,42 @@ def test_object_store_storage_without_a_tracking_uri_says_where_runs_go(s3, monk
     out = capsys.readouterr().out
     assert uri in out and "MLFLOW_TRACKING_URI" in out
     mlflow.set_tracking_uri(previous)
+
+
+def test_an_mlflow_server_that_does_not_answer_gives_one_line(monkeypatch):
+    from pipelines import tracking
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"MLflow tracking server http://127.0.0.1:9: not reachable .*refused"):
+        tracking.configure("/tmp/unused", "http://127.0.0.1:9")
+
+
+def test_a_database_that_refuses_the_connection_gives_one_line_without_the_password():
+    from pipelines import tracking
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"postgresql://mlflow:\*\*\*@127.0.0.1:9/mlflow: cannot connect .*refused") as error:
+        tracking.configure("/tmp/unused", "postgresql://mlflow:s3cret@127.0.0.1:9/mlflow")
+    assert "s3cret" not in str(error.value)
+
+
+def test_wrong_credentials_give_one_line_naming_the_uri(corpus, tmp_path, monkeypatch):
+    # moto checks signatures once its free actions are used up: a key it does not know is refused
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "1")
+    with S3Server(tmp_path / "s3-with-auth") as strict:
+        strict.create_bucket("guarded")  # the one free action
+        env = {**os.environ, **strict.env(), "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0", "AWS_SECRET_ACCESS_KEY": "wrong"}
+        result = cli(["--source", str(corpus), "--storage", "s3://guarded/platform", "--no-progress", "--cache-dir", str(tmp_path)], env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "s3://guarded/platform" in errors[0] and "access denied" in errors[0], result.stderr
+    assert "wrong" not in errors[0], "a secret in the message"
+    assert "Traceback" not in result.stderr
+
+
+def test_paths_ray_gives_back_on_an_object_store_become_uris(s3, bucket, tmp_path):
+    remote = resolve(f"s3://{bucket}/platform")
+    # Ray's Checkpoint.path on S3 has no scheme: opened as is it would be a local path
+    assert remote.uri_of(f"{bucket}/platform/ray_results/r/checkpoint_1") == f"s3://{bucket}/platform/ray_results/r/checkpoint_1"
+    assert remote.uri_of(f"s3://{bucket}/x") == f"s3://{bucket}/x"
+    assert resolve(str(tmp_path)).uri_of(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")

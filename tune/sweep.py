@@ -264,7 +264,8 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
                 "test_accuracy": metrics.get("test/accuracy"),
                 "score": metrics.get(config.metric),
                 "status": status,
-                "checkpoint_path": metrics.get(CHECKPOINT_PATH_KEY),
+                # a URI: on an object store Ray gives the path without its scheme
+                "checkpoint_path": resolve(config.storage).uri_of(metrics[CHECKPOINT_PATH_KEY]) if metrics.get(CHECKPOINT_PATH_KEY) else None,
             }
         )
     sign = -1 if config.mode == "max" else 1

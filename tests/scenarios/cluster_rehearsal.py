@@ -8,7 +8,8 @@ What a real cluster has, started on 127.0.0.1 (tests/services.py):
 - the MLflow server (platform/mlflow/start_mlflow_server.sh) over both: runs and the
   registry in PostgreSQL, artifacts proxied to s3://platform/mlflow-artifacts;
 - a Ray cluster of a head and two worker nodes, each a `ray start --block` of its own
-  with its own HOME, TMPDIR, Ray temp dir and working directory under WORKDIR/nodes/.
+  with its own HOME, TMPDIR, Ray temp dir and working directory (WORKDIR/nodes/ links to them:
+  they sit on a short path, as Ray's socket paths must).
 
 Then the commands a user types, as subprocesses on the head "machine":
 prepare the sample corpus to S3 (and again: a no-op) -> train with two workers -> a
@@ -16,7 +17,8 @@ worker node running Train workers is killed (SIGKILL to every process of the nod
 the first epoch's checkpoint -> training resumes from the checkpoint in S3 on the nodes
 left -> the model is registered and promoted in the PostgreSQL-backed registry -> the run
 is continued for one more epoch with `--resume` from another node's machine (its own
-folders: everything it needs is in the bucket and MLflow) -> Serve, on the same cluster,
+folders: everything it needs is in the bucket and MLflow) -> a two-trial sweep registers
+its best trial without promoting it -> Serve, on the same cluster,
 loads the champion through the MLflow server and answers /v1/predict.
 
 Checked at the end: the dataset, checkpoints (the oldest pruned) and model files are objects in the bucket,
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +71,9 @@ def log(message: str) -> None:
 class RayNode:
     """One node: `ray start --block` in its own session, with a HOME, TMPDIR and Ray temp dir of its own."""
 
-    def __init__(self, role: str, root: Path, base_env: dict[str, str]):
+    def __init__(self, role: str, nodes_root: Path, base_env: dict[str, str]):
         self.role = role
-        self.folder = root / "nodes" / role
+        self.folder = nodes_root / role
         self.home, self.tmp, self.ray_tmp = self.folder / "home", self.folder / "tmp", self.folder / "ray"
         for folder in (self.home, self.tmp, self.ray_tmp):
             folder.mkdir(parents=True, exist_ok=True)
@@ -139,6 +142,11 @@ class RayNode:
         except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
         self.kill()
+
+
+SWEEP_ARGS = ["-m", "tune.tune_imdb", "--data", "sample", "--storage", STORAGE, "--sweep-name", "rehearsal-sweep",
+              "--num-samples", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "64", "--batch-sizes", "8",
+              "--scheduler", "fifo", "--num-workers", "1", "--cpus-per-worker", "1", "--use-gpu", "no", "--promote", "never"]
 
 
 def train_args(epochs: int) -> list[str]:
@@ -286,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     result: dict = {"checks": []}
     services_dir = root / "services"
+    # the nodes' folders sit on a short path: Ray's unix sockets live in them, and a socket
+    # path may not exceed 107 bytes (pytest's tmp_path alone can take 80)
+    nodes_root = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    (root / "nodes").symlink_to(nodes_root, target_is_directory=True)
 
     def check(ok: bool, what: str) -> None:
         result["checks"].append({"what": what, "ok": bool(ok)})
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         base_env["PATH"] = f"{VENV_BIN}{os.pathsep}{base_env.get('PATH', '')}"
         base_env["PYTHONPATH"] = str(REPO)
-        nodes = {role: RayNode(role, root, base_env) for role in ("head", "worker-1", "worker-2")}
+        nodes = {role: RayNode(role, nodes_root, base_env) for role in ("head", "worker-1", "worker-2")}
         nodes["head"].start(HEAD_CPUS)
         gcs_address = f"127.0.0.1:{nodes['head'].gcs_port}"
         _scenario.wait_for(lambda: len(node_roles(gcs_address)) == 1 if _gcs_up(gcs_address) else False, 120, 1.0, "the head node")
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes[role].start(WORKER_CPUS, head_address=gcs_address)
         _scenario.wait_for(lambda: len(node_roles(gcs_address)) == 3, 120, 1.0, "three nodes")
         timings["cluster_start_s"] = round(time.monotonic() - t0 - timings["services_s"], 1)
-        log(f"Ray cluster at {gcs_address}: head + 2 worker nodes, each with its own folder under {root / 'nodes'}")
+        log(f"Ray cluster at {gcs_address}: head + 2 worker nodes, each with its own folder under {nodes_root}")
 
         head = nodes["head"]
         driver_env = {**head.env(), "RAY_ADDRESS": gcs_address}
@@ -384,6 +396,21 @@ def main(argv: list[str] | None = None) -> int:
         check(len(versions) == 2 and {v[1] for v in versions} == {runs[0][0]} and bool(alias),
               f"both registered versions and the @champion alias are rows in PostgreSQL ({versions}, champion {alias})")
 
+        # a sweep on the same cluster: trials are Train jobs, every one an MLflow run in PostgreSQL
+        step = time.monotonic()
+        run_command(SWEEP_ARGS, driver_env, head.folder, logs / "sweep.log")
+        timings["sweep_s"] = round(time.monotonic() - step, 1)
+        sweep_runs = postgres.query(
+            "SELECT r.status, EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId') "
+            "FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = 'imdb-sentiment-sweeps'"
+        )
+        check(len(sweep_runs) == 3 and sum(child for _, child in sweep_runs) == 2 and all(status == "FINISHED" for status, _ in sweep_runs),
+              f"the sweep: a parent run and 2 trial runs, FINISHED, rows in PostgreSQL ({sweep_runs})")
+        versions_after = postgres.query("SELECT version FROM model_versions WHERE name = %s", (MODEL_NAME,))
+        alias_after = postgres.query("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'", (MODEL_NAME,))
+        check(len(versions_after) == 3 and alias_after == alias and s3.list_keys(BUCKET, "platform/tune_results/rehearsal-sweep/"),
+              f"the sweep's best trial registered as version 3, @champion kept (--promote never), sweep state in the bucket")
+
         step = time.monotonic()
         port = free_port()
         serve_log = logs / "serve.log"
@@ -422,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     stray = files_written_since(
         start_time,
         roots=[REPO, Path.home(), *system_tmp_roots(system_tmp, start_time)],
-        allowed=[root, *preexisting_ray],
+        allowed=[root, nodes_root, *preexisting_ray],
     )
     check(not stray, f"nothing written outside the nodes' folders and the bucket ({len(stray)} stray files{': ' + ', '.join(stray[:5]) if stray else ''})")
     result["stray_files"] = stray[:50]
@@ -431,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     ok = not failed and "error" not in result
     result["ok"] = ok
+    if ok:
+        shutil.rmtree(nodes_root, ignore_errors=True)  # kept after a failure: the nodes' Ray logs are there
     log(f"{'PASSED' if ok else 'FAILED'}: {sum(c['ok'] for c in result['checks'])}/{len(result['checks'])} checks, "
         f"S3 at {s3.endpoint_url}, PostgreSQL {postgres.uri if postgres else '?'}, {timings['total_s']:.0f} s"
         + (f"; failed: {failed}" if failed else ""))
