@@ -180,12 +180,17 @@ def resolve(uri: str | os.PathLike) -> Location:
         try:
             filesystem, path = pafs.FileSystem.from_uri(text)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants
-            raise ConfigError(f"storage {text!r}: cannot open this filesystem ({exc})") from exc
+            # one line: pyarrow's text can run to dozens (hdfs:// lists every libjvm it tried)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"storage {text!r}: cannot open this filesystem ({reason})") from exc
         return Location(filesystem, path, text.rstrip("/"))
     if "://" in text and not text.startswith("file://"):
         raise ConfigError(
             f"storage {text!r}: unsupported scheme; use a local folder or one of "
             + ", ".join(REMOTE_SCHEMES)
         )
-    local = Path(text.removeprefix("file://")).expanduser().resolve()
+    try:
+        local = Path(text.removeprefix("file://")).expanduser().resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop, a name too long
+        raise ConfigError(f"storage {text!r}: not a usable folder path ({exc})") from exc
     return Location(pafs.LocalFileSystem(), str(local), str(local))

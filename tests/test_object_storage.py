@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipelines import datasets
 from pipelines.config import PrepareConfig
@@ -249,3 +251,25 @@ def test_paths_ray_gives_back_on_an_object_store_become_uris(s3, bucket, tmp_pat
     assert remote.uri_of(f"{bucket}/platform/ray_results/r/checkpoint_1") == f"s3://{bucket}/platform/ray_results/r/checkpoint_1"
     assert remote.uri_of(f"s3://{bucket}/x") == f"s3://{bucket}/x"
     assert resolve(str(tmp_path)).uri_of(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
+
+
+# any text a user may pass as --storage, and bucket names that do not exist on the server
+storage_texts = st.one_of(
+    st.text(max_size=60),
+    st.builds(lambda scheme, rest: f"{scheme}{rest}", st.sampled_from(["s3://", "gs://", "file://", "hdfs://", "ftp://", "s3:/", "://"]), st.text(max_size=40)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=storage_texts)
+def test_any_storage_text_is_a_location_or_one_clear_error(s3, text):
+    """The --storage door: whatever is typed, a usable Location or a PlatformError, never another exception."""
+    from pipelines.errors import PlatformError
+
+    if text.startswith("gs://"):
+        text = "s3://" + text[5:]  # no GCS server here: the same code path against the S3 one
+    try:
+        location = resolve(text)
+        location.check_usable()
+    except PlatformError as error:
+        assert str(error).strip() and "\n" not in str(error).strip(), repr(str(error))
