@@ -95,8 +95,11 @@ def main() -> int:
         for index in range(args.repeats):
             for name, (fs, root) in stores.items():
                 target = f"{root}/checkpoint_{index:06d}"
+                if fs is local_fs:
+                    Path(target).mkdir(parents=True)  # as Ray Train does before copying to a local storage path
                 upload[name].append(timed(lambda: pafs.copy_files(str(checkpoint), target, source_filesystem=local_fs, destination_filesystem=fs)))
                 back = work / f"restored-{name}-{index}"
+                back.mkdir()
                 download[name].append(timed(lambda: pafs.copy_files(target, str(back), source_filesystem=fs, destination_filesystem=local_fs)))
         for name in stores:
             print(f"checkpoint ({size / 1e6:.0f} MB: MiniLM + optimizer state) to {name:<5}: store median {statistics.median(upload[name]):.2f} s, "
