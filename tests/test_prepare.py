@@ -300,6 +300,36 @@ def test_parquet_with_split_column_keeps_its_test(tmp_path: Path) -> None:
     assert not any("no test split" in w for w in manifest.warnings)
 
 
+def test_prepare_keeps_every_test_row_and_dedups_train(tmp_path: Path) -> None:
+    """Duplicates inside test are published (and counted), so accuracy is over the whole official set."""
+    train = parquet_corpus(10, 10, prefix="train")
+    train_texts = train["text"] + ["train positive number 0", "test negative number 0"]  # a duplicate, an overlap
+    train_labels = train["label"] + [1, 0]
+    test = parquet_corpus(5, 5, prefix="test")
+    test_texts = test["text"] + ["test positive number 1", "test positive number 1", "test both labels", "test both labels"]
+    test_labels = test["label"] + [1, 1, 0, 1]
+    source = write_parquet(
+        tmp_path / "reviews.parquet",
+        text=train_texts + test_texts,
+        label=train_labels + test_labels,
+        split=["train"] * len(train_texts) + ["test"] * len(test_texts),
+    )
+    manifest = prepare_dataset(config(source, tmp_path / "storage")).manifest
+
+    written = read_split_table(manifest, "test")
+    assert sorted(zip(written["text"].to_pylist(), written["label"].to_pylist())) == sorted(zip(test_texts, test_labels))
+    assert manifest.splits["test"].rows == len(test_texts) == 14
+    assert manifest.cleaning["splits"]["test"]["duplicates_kept"] == 2
+    assert manifest.cleaning["splits"]["test"]["conflicting_label_kept"] == 2
+    assert manifest.cleaning["splits"]["test"]["duplicates_dropped"] == 0
+    # train (and val carved out of it) lost its duplicate and the review test also holds
+    assert manifest.cleaning["splits"]["train"]["duplicates_dropped"] == 1
+    assert manifest.cleaning["train_test_overlap_dropped"] == 1
+    assert manifest.splits["train"].rows + manifest.splits["val"].rows == 20
+    train_val = read_split_table(manifest, "train")["text"].to_pylist() + read_split_table(manifest, "val")["text"].to_pylist()
+    assert sorted(train_val) == sorted(train["text"])
+
+
 def test_imbalanced_data_is_prepared_with_a_warning(tmp_path: Path) -> None:
     columns = parquet_corpus(180, 20)
     split = ["test" if i % 2 else "train" for i in range(200)]
