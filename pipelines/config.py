@@ -87,6 +87,11 @@ class TrainConfig:
     max_length: int = field(256, "max tokens per review, special tokens included")
     truncation: str = field("head_tail", "how long reviews are cut: keep the head, or the head and the tail", choices=("head", "head_tail"))
     group_by_length: bool = field(True, "batch reviews of similar length together (less padding)")
+    shuffle_window: int = field(
+        8192,
+        "rows per worker shuffled together; every epoch gets its own order from --seed and the epoch "
+        "(larger mixes more, and holds more token ids in the worker's memory)",
+    )
     deterministic_data: bool = field(
         True,
         "feed rows in the same order on every run (Ray Data preserve_order), so the same --seed and data "
@@ -101,10 +106,19 @@ class TrainConfig:
     num_workers: int = field(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=USE_GPU_CHOICES)
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")
-    threads_per_worker: int | None = field(None, "torch intra-op threads per worker (default: --cpus-per-worker, at least 1)")
+    threads_per_worker: int | None = field(
+        None,
+        "torch intra-op threads per worker (default on CPUs: the node's CPUs that Ray Data does not need, "
+        "shared by the workers on it; on GPUs: --cpus-per-worker)",
+    )
     max_failures: int = field(2, "worker failures tolerated; training resumes from the last checkpoint")
     max_steps_per_epoch: int | None = field(None, "cap on optimizer steps per epoch (smoke tests, benchmarks)")
-    seed: int = field(42, "random seed (classifier head init, dropout, batch order when grouping by length)")
+    early_stopping_patience: int | None = field(
+        None,
+        "stop after this many epochs without a better validation accuracy; the best epoch's model is "
+        "the one tested, registered and gated either way",
+    )
+    seed: int = field(42, "random seed (classifier head init, dropout, and with the epoch number each epoch's order)")
     storage: str = field(default_storage(), "storage root for datasets, checkpoints and the local MLflow store; a folder or s3:// / gs:// URI")
     run_name: str | None = field(None, "name of the run (default: a fresh unique name); an existing name with --resume continues it")
     resume: bool = field(False, "continue the interrupted run named by --run-name from its last checkpoint")
@@ -134,6 +148,10 @@ class TrainConfig:
             raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ConfigError(f"--threads-per-worker must be at least 1, got {self.threads_per_worker}")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"--shuffle-window must be at least 1, got {self.shuffle_window}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError(f"--early-stopping-patience must be at least 1, got {self.early_stopping_patience}")
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

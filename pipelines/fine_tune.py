@@ -1,48 +1,42 @@
 """The training job: dataset -> Ray Data -> Ray Train -> MLflow run -> registry + gate.
 
 `run_training(TrainConfig)` is what `python -m pipelines.train_imdb` calls and
-what the tests call. It checks everything it can before Ray starts (flags, the
-dataset, the model), then sizes the run to the cluster, trains, and records.
+what the tests call. It reads top to bottom as the data flow: check what can be
+checked before Ray starts (flags, the dataset, the model, a resume's settings),
+size the run to the cluster (pipelines.runtime), tokenize (pipelines.streaming),
+train (pipelines.training on every worker), record, register and gate
+(pipelines.tracking, pipelines.registry).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from ray.data import DataContext
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import registry, runtime, tracking
+from pipelines import registry, run_settings, runtime, streaming, tracking
 from pipelines.config import PrepareConfig, TrainConfig
 from pipelines.datasets import Manifest, load_manifest
-from pipelines.errors import ConfigError, DataError, PlatformError
+from pipelines.errors import DataError, PlatformError
 from pipelines.model import resolve_model_path
 from pipelines.prepare import prepare_dataset
-from pipelines.storage import resolve
-from pipelines.streaming import DataResources, tokenized_splits
-from pipelines.tokenization import TokenizerSettings, load_tokenizer
-from pipelines.training import train_loop_per_worker
+from pipelines.storage import Location, resolve
+from pipelines.tokenization import load_tokenizer
+from pipelines.training import best_model_folder, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 SAMPLE_DATASET = "sample"
 RUN_ID_FILE = "mlflow_run_id"
-# CPUs left free for Ray Data next to the Train workers (tokenizer actors, reads): three
-# splits' actors at 0.25 + reads at 0.1; without them the run hangs in backpressure.
-DATA_CPU_RESERVE = 0.6
-INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
 
 
 class TrainingFailed(PlatformError):
@@ -83,132 +77,12 @@ def resolve_dataset(config: TrainConfig) -> Manifest:
     return load_manifest(config.data, storage=config.storage)
 
 
-# --- sizing the run to the cluster --------------------------------------------------
+# --- the trainer ---------------------------------------------------------------------
 
-def wants_gpus(config: TrainConfig) -> bool:
-    """--use-gpu yes, or auto on a cluster whose node types can add GPUs for every worker."""
-    if config.use_gpu != "auto":
-        return config.use_gpu == "yes"
-    if runtime.cluster_gpus() >= config.num_workers:
-        return True
-    possible = runtime.autoscaler_max_gpus()
-    return possible is not None and possible >= config.num_workers
-
-
-@contextmanager
-def requested_resources(config: TrainConfig) -> Iterator[None]:
-    """On an autoscaling cluster (`ray up`, KubeRay): ask for the workers' resources, wait, withdraw at the end.
-
-    GPU worker types start at 0 nodes: without this request the checks of
-    plan_resources would refuse a run that the autoscaler could have served, and
-    --use-gpu auto would train on CPUs because no GPU node happened to be up. Local
-    clusters cannot grow: they fail at once with the numbers.
-    """
-    if not (config.ray_address or os.environ.get("RAY_ADDRESS")) or runtime.is_local_cluster():
-        yield
-        return
-    gpus_wanted = config.num_workers if wants_gpus(config) else 0
-    bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if gpus_wanted else {})}
-
-    def ready() -> bool:
-        return (runtime.cluster_cpus() >= config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE
-                and runtime.cluster_gpus() >= gpus_wanted)
-
-    what = f"{config.num_workers} worker(s) of {bundle}"
-    with runtime.autoscaler_request([bundle] * config.num_workers, ready, what, float(os.environ.get("PLATFORM_RESOURCE_WAIT_S", "900"))):
-        yield
-
-
-def plan_resources(config: TrainConfig) -> tuple[bool, DataResources]:
-    """(use GPUs?, data pipeline sizing); errors if the workers cannot fit.
-
-    Call it inside `requested_resources(config)` on an autoscaling cluster.
-    """
-    cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
-    use_gpu = {"yes": True, "no": False, "auto": gpus >= config.num_workers}[config.use_gpu]
-    if use_gpu and gpus < config.num_workers:
-        raise ConfigError(f"--use-gpu yes with --num-workers {config.num_workers}, but the cluster has {gpus:g} GPUs")
-    needed = config.num_workers * config.cpus_per_worker
-    if needed + DATA_CPU_RESERVE > cpus + 1e-9:
-        raise ConfigError(
-            f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} = {needed:g} CPUs, "
-            f"but the cluster has {cpus:g} and the data pipeline needs ~{DATA_CPU_RESERVE} more: lower one of them"
-        )
-    return use_gpu, DataResources.for_cluster(cpus - needed)
-
-
-class EvalSplitDataConfig(DataConfig):
-    """Shard train equally (DDP steps stay in lockstep), and val/test without dropping rows.
-
-    `streaming_split(equal=True)` may drop up to world_size-1 rows to even out the
-    shards; for evaluation every row must count once, so those splits use equal=False
-    and the loop sums counts over workers.
-
-    `preserve_order`: rows reach the workers in the order of the shards, not in the
-    order blocks happen to finish; a rerun (or the same trial in two sweeps) then sees
-    the same batches. With several workers, which worker gets which block still
-    depends on timing.
-    """
-
-    def __init__(self, preserve_order: bool = True):
-        super().__init__()
-        self.preserve_order = preserve_order
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)
-            options.preserve_order = options.preserve_order or self.preserve_order
-            dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)):
-                output[rank][name] = split
-        return output
-
-
-# --cache-tokenized auto: cache when the token ids fill under this share of the object store
-CACHE_STORE_FRACTION = 0.10
-# bytes per token in the object store: int32 ids plus Arrow offsets and block overhead
-CACHE_BYTES_PER_TOKEN = 6
-
-
-def should_cache_tokenized(config: TrainConfig, manifest: Manifest) -> bool:
-    if config.cache_tokenized != "auto":
-        if config.cache_tokenized == "yes" and runtime.alive_node_count() > 1:
-            log.warning("--cache-tokenized yes on a multi-node cluster: a node lost mid-run takes its cached blocks "
-                        "with it and the run cannot resume (use auto or no to stream instead)")
-        return config.cache_tokenized == "yes"
-    if runtime.alive_node_count() > 1:
-        # cached blocks live in the object store of the node that made them; when that node
-        # is lost, Ray Data cannot rebuild them (seen in the cluster rehearsal: restarted
-        # workers fail with ReferenceCountingAssertionError), so a cluster streams instead
-        return False
-    rows = sum(info.rows for info in manifest.splits.values())
-    needed = rows * config.max_length * CACHE_BYTES_PER_TOKEN  # an upper bound: most reviews are shorter
-    return needed < CACHE_STORE_FRACTION * runtime.object_store_bytes()
-
-
-def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources) -> dict:
-    """The tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
-    return tokenized_splits(
-        manifest,
-        TokenizerSettings(model_path, config.max_length, config.truncation),
-        resources=resources,
-        group_by_length_batch_size=config.per_worker_batch_size if config.group_by_length else None,
-        seed=config.seed,
-        cache=should_cache_tokenized(config, manifest),
-    )
-
-
-def build_loop_config(config: TrainConfig, manifest: Manifest, model_path: str, pad_token_id: int) -> dict:
+def build_loop_config(config: TrainConfig, manifest: Manifest, model_path: str, pad_token_id: int, num_threads: int) -> dict:
     """The dict every worker gets: TrainConfig's keys plus what the driver resolved."""
     loop_config = asdict(config)
-    loop_config.update(
-        model_path=model_path,
-        pad_token_id=pad_token_id,
-        train_rows=manifest.splits["train"].rows,
-        num_threads=config.threads_per_worker or max(1, int(config.cpus_per_worker)),
-    )
+    loop_config.update(model_path=model_path, pad_token_id=pad_token_id, train_rows=manifest.splits["train"].rows, num_threads=num_threads)
     return loop_config
 
 
@@ -224,7 +98,7 @@ def build_trainer(loop_config: dict, datasets: dict, config: TrainConfig, use_gp
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
-        dataset_config=EvalSplitDataConfig(preserve_order=config.deterministic_data),
+        dataset_config=streaming.EvalSplitDataConfig(preserve_order=config.deterministic_data),
     )
 
 
@@ -245,36 +119,8 @@ def new_run_name() -> str:
     return f"imdb-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-@contextmanager
-def console_log(path: Path):
-    """Tee stdout/stderr into `path` (Ray forwards worker output through them)."""
-
-    class Tee:
-        def __init__(self, stream, sink):
-            self.stream, self.sink = stream, sink
-
-        def write(self, text):
-            self.sink.write(text)
-            return self.stream.write(text)
-
-        def flush(self):
-            self.sink.flush()
-            self.stream.flush()
-
-        def __getattr__(self, name):
-            return getattr(self.stream, name)
-
-    with open(path, "a", encoding="utf-8") as sink:
-        old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = Tee(old[0], sink), Tee(old[1], sink)
-        try:
-            yield path
-        finally:
-            sys.stdout, sys.stderr = old
-
-
-def _run_id_marker(config: TrainConfig, run_name: str):
-    return resolve(config.storage).child("ray_results", run_name, RUN_ID_FILE)
+def _run_id_marker(config: TrainConfig, run_name: str) -> Location:
+    return _run_dir(config, run_name).child(RUN_ID_FILE)
 
 
 def _start_mlflow_run(config: TrainConfig, run_name: str, experiment_id: str) -> str:
@@ -305,65 +151,48 @@ def _explain_failure(exc: Exception, config: TrainConfig) -> TrainingFailed:
     return TrainingFailed(f"training failed (restarts allowed: {config.max_failures}): {last}")
 
 
-def log_model(checkpoint_dir: str, model_path: str, config: TrainConfig):
-    """The final model + tokenizer, as an MLflow transformers model Serve can load; registered."""
-    import mlflow.transformers
-    from mlflow.models import infer_signature
-
-    from pipelines.model import load_classifier
-
-    model = load_classifier(checkpoint_dir)
-    tokenizer = load_tokenizer(model_path)
-    signature = infer_signature(INPUT_EXAMPLE, [{"label": "positive", "score": 0.9}] * len(INPUT_EXAMPLE))
-    return mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task="text-classification",
-        signature=signature,
-        input_example=INPUT_EXAMPLE,
-        registered_model_name=config.register_as,
-        # mlflow's inferred requirements add torchvision, which this model never imports
-        pip_requirements=model_requirements(),
-    )
-
-
-def model_requirements() -> list[str]:
-    from importlib.metadata import version
-
-    torch_version = version("torch").split("+")[0]  # a local tag (+cpu) is not on PyPI
-    return [f"torch=={torch_version}", *(f"{name}=={version(name)}" for name in ("transformers", "tokenizers", "safetensors"))]
-
-
 def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> TrainingOutcome:
     """Train, record and register; `loop_overrides` adds keys to the worker config (test hooks)."""
     resolve(config.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     manifest = resolve_dataset(config)
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)  # fails here, before Ray, if the model is wrong
+    run_name = config.run_name or new_run_name()
+    settings = run_settings.settings_of(config, f"{manifest.name}/{manifest.version}", manifest.content_hash)
+    if config.resume:
+        run_settings.check_resume(_run_dir(config, run_name), settings, run_name)
     tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
     experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
 
     runtime.init_ray(config.ray_address)
-    with requested_resources(config):
-        outcome = _train_on_cluster(config, manifest, model_path, tokenizer, tracking_uri, experiment_id, loop_overrides)
+    with runtime.requested_resources(config):
+        cache = streaming.should_cache_tokenized(config, manifest, runtime.alive_node_count(), runtime.object_store_bytes())
+        plan = runtime.plan_resources(config, tokenized_up_front=cache)
+        print(f"[plan] {plan.describe(config.num_workers)}", flush=True)
+        # Ray Data's per-operator bars would drown the training's own progress lines
+        DataContext.get_current().enable_progress_bars = False
+        datasets = streaming.training_datasets(manifest, model_path, config, plan.data, cache)
+        loop_config = {**build_loop_config(config, manifest, model_path, tokenizer.pad_token_id, plan.threads_per_worker), **(loop_overrides or {})}
+        run_dir = _run_dir(config, run_name)
+        run_dir.makedirs()
+        run_settings.save(run_dir, settings)
+        outcome = _train_in_mlflow_run(config, manifest, model_path, run_name, tracking_uri, experiment_id, plan, datasets, loop_config)
     _print_summary(outcome, config)
     return outcome
 
 
-def _train_on_cluster(config, manifest, model_path, tokenizer, tracking_uri, experiment_id, loop_overrides) -> TrainingOutcome:
-    use_gpu, data_resources = plan_resources(config)
-    # Ray Data's per-operator bars would drown the training's own progress lines
-    DataContext.get_current().enable_progress_bars = False
-    datasets = training_datasets(manifest, model_path, config, data_resources)
-    run_name = config.run_name or new_run_name()
-    resolve(config.storage).child("ray_results", run_name).makedirs()
+def _run_dir(config: TrainConfig, run_name: str) -> Location:
+    return resolve(config.storage).child("ray_results", run_name)
+
+
+def _train_in_mlflow_run(config, manifest, model_path, run_name, tracking_uri, experiment_id, plan, datasets, loop_config) -> TrainingOutcome:
     log_dir = Path(tempfile.mkdtemp(prefix="train-log-"))
-    with console_log(log_dir / "console.log") as log_path:
+    with tracking.console_log(log_dir / "console.log") as log_path:
         run_id = _start_mlflow_run(config, run_name, experiment_id)
         try:
-            outcome = _train_and_record(
-                config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources, loop_overrides or {}
-            )
+            _record_settings(config, manifest, model_path, run_name, plan)
+            result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config)
+            outcome = _record_and_register(config, manifest, model_path, run_name, run_id, tracking_uri, result)
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
@@ -374,11 +203,15 @@ def _train_on_cluster(config, manifest, model_path, tokenizer, tracking_uri, exp
     return outcome
 
 
-def _train_and_record(
-    config, manifest, model_path, tokenizer, run_name, run_id, tracking_uri, use_gpu, datasets, data_resources, loop_overrides
-) -> TrainingOutcome:
-    if not config.resume:
-        mlflow.log_params(tracking.flat_params({**asdict(config), "model_path": model_path, "use_gpu_resolved": use_gpu, "data_resources": data_resources.as_dict()}))
+def _record_settings(config: TrainConfig, manifest: Manifest, model_path: str, run_name: str, plan: runtime.ResourcePlan) -> None:
+    if config.resume:
+        mlflow.set_tag("resumed_with_epochs", str(config.epochs))  # params are write-once; --epochs may rise
+    else:
+        mlflow.log_params(tracking.flat_params({
+            **asdict(config), "model_path": model_path, "use_gpu_resolved": plan.use_gpu,
+            "threads_per_worker_resolved": plan.threads_per_worker, "tokenized_up_front": plan.tokenized_up_front,
+            "data_resources": plan.data.as_dict(),
+        }))
     mlflow.set_tags(
         {
             **tracking.environment_tags(),
@@ -388,34 +221,35 @@ def _train_and_record(
             "ray_run_name": run_name,
         }
     )
-    loop_config = {**build_loop_config(config, manifest, model_path, tokenizer.pad_token_id), **loop_overrides}
+
+
+def _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config):
     callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id)]
-    trainer = build_trainer(loop_config, datasets, config, use_gpu, ray_run_config(config, run_name, callbacks))
+    trainer = build_trainer(loop_config, datasets, config, plan.use_gpu, ray_run_config(config, run_name, callbacks))
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors in TrainingFailedError
         raise _explain_failure(exc, config) from exc
     if result.checkpoint is None:
         raise TrainingFailed("training finished without a checkpoint; nothing to register")
+    return result
+
+
+def _record_and_register(config, manifest, model_path, run_name, run_id, tracking_uri, result) -> TrainingOutcome:
+    """Test results into the run; the best epoch's model logged, registered and gated."""
     final = dict(result.metrics)
-    test_metrics = {k: v for k, v in final.items() if k.startswith("test/")}
-    mlflow.log_metrics(tracking.numeric_metrics(test_metrics), step=config.epochs)
-    confusion = {
-        "labels": ["negative", "positive"],
-        "matrix": [[final.get("test/tn"), final.get("test/fp")], [final.get("test/fn"), final.get("test/tp")]],
-        "rows_are": "true label",
-        "columns_are": "predicted label",
-    }
-    mlflow.log_dict(confusion, "confusion_matrix.json")
-    mlflow.log_dict(manifest.to_json(), "dataset_manifest.json")
+    tracking.log_test_results(final, manifest.to_json(), step=int(final.get("epoch", config.epochs)))
+    best_epoch = int(final.get("best_epoch", final.get("epoch", config.epochs)))
+    mlflow.set_tags({"best_epoch": str(best_epoch), "stopped_early": str(bool(final.get("stopped_early")))})
     with result.checkpoint.as_directory() as checkpoint_dir:
-        model_info = log_model(checkpoint_dir, model_path, config)
+        model_info = tracking.log_model(str(best_model_folder(checkpoint_dir)), model_path, config.register_as)
     version = str(model_info.registered_model_version) if model_info.registered_model_version else None
     decision = None
     if version:
         decision = registry.apply_gate(
             MlflowClient(), config.register_as, version, config.promote, float(final["test/accuracy"]), manifest.content_hash
         )
+        MlflowClient().set_model_version_tag(config.register_as, version, "best_epoch", str(best_epoch))
         mlflow.set_tags({"registered_model": config.register_as, "registered_version": version, "gate.decision": "promoted" if decision.promote else "kept_champion"})
     return TrainingOutcome(
         run_id=run_id,
@@ -434,7 +268,8 @@ def _print_summary(outcome: TrainingOutcome, config: TrainConfig) -> None:
     lines = [
         "",
         "=== training finished ===",
-        f"test: accuracy {m.get('test/accuracy', float('nan')):.4f}  f1 {m.get('test/f1', float('nan')):.4f}  "
+        f"test (the model of epoch {m.get('best_epoch', m.get('epoch', '?'))}{', stopped early' if m.get('stopped_early') else ''}): "
+        f"accuracy {m.get('test/accuracy', float('nan')):.4f}  f1 {m.get('test/f1', float('nan')):.4f}  "
         f"loss {m.get('test/loss', float('nan')):.4f}  on {m.get('test/rows', '?')} reviews",
         f"confusion (rows true neg/pos, cols predicted neg/pos): [[{m.get('test/tn')}, {m.get('test/fp')}], [{m.get('test/fn')}, {m.get('test/tp')}]]",
     ]

@@ -12,16 +12,24 @@ fits next to the training workers.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
+from ray.train import DataConfig
 
+from pipelines.config import TrainConfig
 from pipelines.datasets import Manifest
-from pipelines.tokenization import GroupByLength, TokenizeBatch, TokenizerSettings
+from pipelines.tokenization import TokenizeBatch, TokenizerSettings
 
+log = logging.getLogger(__name__)
 TEXT_COLUMNS = ["text", "label"]
+# --cache-tokenized auto: cache when the token ids fill under this share of the object store
+CACHE_STORE_FRACTION = 0.10
+# bytes per token in the object store: int32 ids plus Arrow offsets and block overhead
+CACHE_BYTES_PER_TOKEN = 6
 
 
 @dataclass(frozen=True)
@@ -93,36 +101,20 @@ def tokenize(
     )
 
 
-def group_by_length(dataset: ray.data.Dataset, batch_size: int, bucket_batches: int = 16, seed: int = 0) -> ray.data.Dataset:
-    """Rows of similar length next to each other, in buckets of `bucket_batches` batches."""
-    return dataset.map_batches(
-        GroupByLength,
-        fn_constructor_kwargs={"batch_size": batch_size, "seed": seed},
-        batch_size=batch_size * bucket_batches,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=0.05,
-        udf_modifying_row_count=False,
-    )
-
-
 def tokenized_splits(
     manifest: Manifest,
     tokenizer: TokenizerSettings,
     splits: tuple[str, ...] = ("train", "val", "test"),
     resources: DataResources = DataResources(),
-    group_by_length_batch_size: int | None = None,
-    seed: int = 0,
     cache: bool = False,
 ) -> dict[str, ray.data.Dataset]:
     """Tokenized Datasets per split, ready for `TorchTrainer(datasets=...)`.
 
-    `group_by_length_batch_size`: the per-worker batch size, to group the train split
-    by length (evaluation splits keep their order; their padding cost is small).
     `cache`: tokenize now and keep the token ids in the object store (in shard order).
     Otherwise every epoch reads and tokenizes again, and starts tokenizer actors again:
-    seconds of idle accelerator per epoch. Length grouping stays lazy, so every epoch
-    still gets its own batch order.
+    seconds of idle accelerator per epoch. The order within an epoch is the training
+    worker's business (pipelines.batching), so a cached split still gets a new one
+    every epoch.
     """
     datasets = {}
     for split in splits:
@@ -130,7 +122,56 @@ def tokenized_splits(
         if cache:
             dataset.context.execution_options.preserve_order = True
             dataset = dataset.materialize()
-        if split == "train" and group_by_length_batch_size:
-            dataset = group_by_length(dataset, group_by_length_batch_size, seed=seed)
         datasets[split] = dataset
     return datasets
+
+
+def should_cache_tokenized(config: TrainConfig, manifest: Manifest, alive_nodes: int, object_store_bytes: float) -> bool:
+    """--cache-tokenized: yes, no, or auto (one node, and the token ids fit easily)."""
+    if config.cache_tokenized != "auto":
+        if config.cache_tokenized == "yes" and alive_nodes > 1:
+            log.warning("--cache-tokenized yes on a multi-node cluster: a node lost mid-run takes its cached blocks "
+                        "with it and the run cannot resume (use auto or no to stream instead)")
+        return config.cache_tokenized == "yes"
+    if alive_nodes > 1:
+        # cached blocks live in the object store of the node that made them; when that node
+        # is lost, Ray Data cannot rebuild them (seen in the cluster rehearsal: restarted
+        # workers fail with ReferenceCountingAssertionError), so a cluster streams instead
+        return False
+    rows = sum(info.rows for info in manifest.splits.values())
+    needed = rows * config.max_length * CACHE_BYTES_PER_TOKEN  # an upper bound: most reviews are shorter
+    return needed < CACHE_STORE_FRACTION * object_store_bytes
+
+
+def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources, cache: bool) -> dict:
+    """The tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
+    return tokenized_splits(manifest, TokenizerSettings(model_path, config.max_length, config.truncation), resources=resources, cache=cache)
+
+
+class EvalSplitDataConfig(DataConfig):
+    """Shard train equally (DDP steps stay in lockstep), and val/test without dropping rows.
+
+    `streaming_split(equal=True)` may drop up to world_size-1 rows to even out the
+    shards; for evaluation every row must count once, so those splits use equal=False
+    and the loop sums counts over workers.
+
+    `preserve_order`: rows reach the workers in the order of the shards, not in the
+    order blocks happen to finish; a rerun (or the same trial in two sweeps) then sees
+    the same windows, and so the same batches. With several workers, which worker
+    gets which block still depends on timing.
+    """
+
+    def __init__(self, preserve_order: bool = True):
+        super().__init__()
+        self.preserve_order = preserve_order
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            options = self._resolve_execution_options(name)
+            options.preserve_order = options.preserve_order or self.preserve_order
+            dataset.context.execution_options = options
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)):
+                output[rank][name] = split
+        return output

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines.errors import ConfigError
 
@@ -127,11 +126,11 @@ def pad_batch(input_ids: list[np.ndarray] | np.ndarray, pad_token_id: int, multi
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-class PadCollate(NumpyBatchCollateFn):
-    """iter_torch_batches collate: pad to the batch's longest row.
+class PadCollate:
+    """Numpy batch -> tensors, padded to the batch's longest row.
 
-    Returns tensors (not moved): Ray moves a dict of tensors to the worker's device
-    itself (and pins memory when asked), on its prefetch thread.
+    A plain callable (Ray Data's `iter_torch_batches` takes it as `collate_fn` too),
+    so the training step runs without Ray. Returns CPU tensors; the loop moves them.
     `multiple_of=8` helps tensor cores on GPU; 1 on CPU wastes nothing.
     """
 
@@ -146,22 +145,3 @@ class PadCollate(NumpyBatchCollateFn):
             "attention_mask": mask,
             "labels": torch.from_numpy(np.array(batch["label"], dtype=np.int64)),  # a copy: Ray hands read-only arrays
         }
-
-
-class GroupByLength:
-    """map_batches UDF: within a bucket of rows, order by length, then shuffle whole batches.
-
-    Neighbouring rows then have similar lengths, so per-batch padding wastes little;
-    shuffling batch-sized chunks keeps the model from seeing short-to-long order.
-    """
-
-    def __init__(self, batch_size: int, seed: int = 0):
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        order = np.argsort(batch["length"], kind="stable")
-        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        self.rng.shuffle(chunks)
-        order = np.concatenate(chunks) if chunks else order
-        return {key: value[order] for key, value in batch.items()}

@@ -14,6 +14,8 @@ import os
 import platform
 import re
 import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from pipelines.storage import DEFAULT_STORAGE, is_remote, resolve
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlflow"
+INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
 
 
 def local_store(storage: str) -> tuple[str, str]:
@@ -213,3 +216,76 @@ class MlflowEpochLogger(UserCallback):
             f"{k}={rank_zero[k]:.4f}" for k in ("train/loss", "val/loss", "val/accuracy", "val/f1", "train/data_wait_fraction") if k in rank_zero
         )
         print(f"[epoch {step}] {summary} samples/s={rank_zero.get('train/samples_per_s', 0):.1f}", flush=True)
+
+
+# --- the model a run registers ---------------------------------------------------------
+
+def log_model(model_dir: str, tokenizer_path: str, register_as: str):
+    """The model in `model_dir` + its tokenizer, as an MLflow transformers model Serve can load; registered."""
+    import mlflow.transformers
+    from mlflow.models import infer_signature
+
+    from pipelines.model import load_classifier
+    from pipelines.tokenization import load_tokenizer
+
+    model = load_classifier(model_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    signature = infer_signature(INPUT_EXAMPLE, [{"label": "positive", "score": 0.9}] * len(INPUT_EXAMPLE))
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-classification",
+        signature=signature,
+        input_example=INPUT_EXAMPLE,
+        registered_model_name=register_as,
+        # mlflow's inferred requirements add torchvision, which this model never imports
+        pip_requirements=model_requirements(),
+    )
+
+
+def model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    torch_version = version("torch").split("+")[0]  # a local tag (+cpu) is not on PyPI
+    return [f"torch=={torch_version}", *(f"{name}=={version(name)}" for name in ("transformers", "tokenizers", "safetensors"))]
+
+
+def log_test_results(final: dict, manifest_json: dict, step: int) -> None:
+    """Test metrics at the run's last step, the confusion matrix, and the dataset's manifest."""
+    mlflow.log_metrics(numeric_metrics({k: v for k, v in final.items() if k.startswith("test/")}), step=step)
+    confusion = {
+        "labels": ["negative", "positive"],
+        "matrix": [[final.get("test/tn"), final.get("test/fp")], [final.get("test/fn"), final.get("test/tp")]],
+        "rows_are": "true label",
+        "columns_are": "predicted label",
+    }
+    mlflow.log_dict(confusion, "confusion_matrix.json")
+    mlflow.log_dict(manifest_json, "dataset_manifest.json")
+
+
+@contextmanager
+def console_log(path: Path):
+    """Tee stdout/stderr into `path` (Ray forwards worker output through them); logged with the run."""
+
+    class Tee:
+        def __init__(self, stream, sink):
+            self.stream, self.sink = stream, sink
+
+        def write(self, text):
+            self.sink.write(text)
+            return self.stream.write(text)
+
+        def flush(self):
+            self.sink.flush()
+            self.stream.flush()
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    with open(path, "a", encoding="utf-8") as sink:
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(old[0], sink), Tee(old[1], sink)
+        try:
+            yield path
+        finally:
+            sys.stdout, sys.stderr = old

@@ -1,13 +1,18 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
 It needs nothing from outside but its `config` dict (the same keys as TrainConfig
-plus a few the driver resolves: model_path, pad_token_id, train_rows) and the
-dataset shards Ray Train hands it. Tune runs this same function.
+plus a few the driver resolves: model_path, pad_token_id, train_rows, num_threads)
+and the dataset shards Ray Train hands it. Tune runs this same function.
 
-Per epoch: train on this worker's shard of "train" (DDP keeps replicas equal),
-evaluate on this worker's part of "val" (counts summed over workers, so every
-validation row counts exactly once), checkpoint, and report. After the last epoch
-the test split is evaluated the same way and reported with the last epoch.
+Per epoch: train on this worker's shard of "train" in the epoch's own order
+(pipelines.batching; DDP keeps replicas equal), evaluate on this worker's part of
+"val" (counts summed over workers, so every validation row counts exactly once),
+checkpoint, and report. The best epoch by validation accuracy is kept; the run
+stops early after `early_stopping_patience` epochs without a better one. After the
+last epoch the best epoch's model is evaluated on the test split.
+
+`train_epoch` and `evaluate_batches` take plain iterators, not Ray objects, so a
+bare loop (a GPU check, the benchmarks) times the very same step code.
 """
 
 from __future__ import annotations
@@ -18,20 +23,21 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
 
+from pipelines.batching import Batch, BatchPlan, epoch_steps
 from pipelines.model import load_classifier
 from pipelines.tokenization import PadCollate
 
 TRAINING_STATE = "training_state.pt"
+BEST_MODEL_DIR = "best_model"  # in a checkpoint whose own epoch is not the best one
 PROGRESS_EVERY_S = 10.0
+SELECTION_METRIC = "val/accuracy"
 
 
 @dataclass
@@ -46,17 +52,33 @@ class EpochTotals:
     padded_tokens: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
-    # the first batch carries the pipeline's start-up; steady-state rates leave it out
+    # the first step carries the pipeline's start-up; steady-state rates leave it out
     first_batch_wait_s: float = 0.0
     first_batch_compute_s: float = 0.0
     first_batch_rows: int = 0
 
+    @property
+    def elapsed_s(self) -> float:
+        return max(self.data_wait_s + self.compute_s, 1e-9)
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.data_wait_s / self.elapsed_s
+
+
+def batch_plan(config: dict, world_size: int) -> BatchPlan:
+    return BatchPlan(
+        micro_batch=config["batch_size"] // (world_size * config["grad_accum"]),
+        grad_accum=config["grad_accum"],
+        shuffle_window=config.get("shuffle_window", 8192),
+        group_by_length=config.get("group_by_length", False),
+    )
+
 
 def steps_per_epoch(config: dict, world_size: int) -> int:
-    """Optimizer steps per epoch: what the learning-rate schedule is laid out over."""
+    """Optimizer steps per epoch, the partial last one included: what the LR schedule spans."""
     per_worker_rows = config["train_rows"] // world_size  # streaming_split(equal=True)
-    micro_batch = config["batch_size"] // (world_size * config["grad_accum"])
-    steps = math.ceil(math.ceil(per_worker_rows / micro_batch) / config["grad_accum"])
+    steps = batch_plan(config, world_size).steps_for(per_worker_rows)
     if config.get("max_steps_per_epoch"):
         steps = min(steps, config["max_steps_per_epoch"])
     return max(1, steps)
@@ -72,6 +94,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = torch.cuda.is_available()  # one kernel per step instead of one per tensor
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, world_size: int):
+    """Linear warm-up, then linear decay to 0 over the run's real optimizer steps."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total_steps = steps_per_epoch(config, world_size) * config["epochs"]
+    return get_linear_schedule_with_warmup(optimizer, int(config["warmup_ratio"] * total_steps), total_steps)
 
 
 def autocast_for(device: torch.device):
@@ -95,73 +125,85 @@ def _oom_message(config: dict, world_size: int) -> str:
     )
 
 
-def train_one_epoch(model, optimizer, scheduler, shard, config: dict, device, world_size: int, epoch: int) -> EpochTotals:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {name: tensor.pin_memory().to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    steps: Iterable[list[Batch]],
+    config: dict,
+    device: torch.device,
+    world_size: int = 1,
+    progress: Callable[[EpochTotals], None] | None = None,
+) -> EpochTotals:
+    """One epoch over `steps` (lists of numpy micro-batches); returns this worker's totals.
+
+    Each micro-batch's mean loss is weighted by its share of the step's rows, so a
+    step of 2 x 8 rows gives the gradient of one batch of 16, and the epoch's short
+    last step is a step of its own, never carried into the next epoch.
+    """
     totals = EpochTotals()
-    accum = config["grad_accum"]
-    micro_batch = config["batch_size"] // (world_size * accum)
     max_steps = steps_per_epoch(config, world_size)
     collate = PadCollate(config["pad_token_id"], multiple_of=8 if device.type == "cuda" else 1)
-    is_rank_zero = ray.train.get_context().get_world_rank() == 0
-    last_print = time.perf_counter()
     model.train()
-    batches = shard.iter_torch_batches(batch_size=micro_batch, collate_fn=collate, prefetch_batches=config.get("prefetch_batches", 2))
-    ready = time.perf_counter()
-    for batch in batches:
+    started = ready = time.perf_counter()
+    for step in steps:
+        fetched = time.perf_counter()
         if totals.optimizer_steps >= max_steps:
             continue  # drain, unmeasured: every worker must consume its whole shard each epoch
-        fetched = time.perf_counter()
         totals.data_wait_s += fetched - ready
-        if totals.micro_batches == 0:
-            totals.first_batch_wait_s = fetched - ready  # pipeline start-up: actors, tokenizer load
-        boundary = (totals.micro_batches + 1) % accum == 0
-        # DDP all-reduces gradients on every backward; skip it until the last micro-batch
-        sync = model.no_sync() if (world_size > 1 and not boundary and hasattr(model, "no_sync")) else nullcontext()
-        try:
-            with sync:
-                with autocast_for(device):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-                (loss / accum).backward()
-        except torch.cuda.OutOfMemoryError as exc:
-            raise RuntimeError(_oom_message(config, world_size)) from exc
-        totals.micro_batches += 1
-        if boundary:
-            if config["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            totals.optimizer_steps += 1
-        rows = batch["labels"].shape[0]
-        totals.samples += rows
-        totals.loss_sum += loss.item() * rows  # .item() syncs with the GPU once per micro-batch
-        totals.real_tokens += int(batch["attention_mask"].sum())
-        totals.padded_tokens += batch["attention_mask"].numel()
+        step_rows = sum(len(micro["label"]) for micro in step)
+        for index, micro in enumerate(step):
+            _forward_backward(model, to_device(collate(micro), device), step_rows, index == len(step) - 1, totals, config, world_size)
+        if config["max_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals.optimizer_steps += 1
         ready = time.perf_counter()
         totals.compute_s += ready - fetched
-        if totals.micro_batches == 1:
-            totals.first_batch_compute_s, totals.first_batch_rows = ready - fetched, rows
-        if is_rank_zero and ready - last_print > PROGRESS_EVERY_S:
-            last_print = ready
-            print(
-                f"[train] epoch {epoch + 1}/{config['epochs']} step {totals.optimizer_steps}/{max_steps} "
-                f"loss {totals.loss_sum / max(totals.samples, 1):.4f} "
-                f"{totals.samples / max(totals.data_wait_s + totals.compute_s, 1e-9):.1f} samples/s "
-                f"data-wait {totals.data_wait_s / max(totals.data_wait_s + totals.compute_s, 1e-9):.0%}",
-                flush=True,
-            )
+        if totals.optimizer_steps == 1:  # pipeline start-up: actors, tokenizer load, first window
+            totals.first_batch_wait_s, totals.first_batch_compute_s, totals.first_batch_rows = fetched - started, ready - fetched, step_rows
+        if progress:
+            progress(totals)
     return totals
 
 
-def evaluate(model, shard, config: dict, device) -> dict:
-    """Loss, accuracy, precision, recall, F1 and the confusion matrix over every worker's part."""
+def _forward_backward(model, batch: dict, step_rows: int, last_in_step: bool, totals: EpochTotals, config: dict, world_size: int) -> None:
+    rows = batch["labels"].shape[0]
+    # DDP all-reduces gradients on every backward; skip it until the step's last micro-batch
+    sync = model.no_sync() if (world_size > 1 and not last_in_step and hasattr(model, "no_sync")) else nullcontext()
+    try:
+        with sync:
+            with autocast_for(batch["labels"].device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+            (loss * (rows / step_rows)).backward()
+    except torch.cuda.OutOfMemoryError as exc:
+        raise RuntimeError(_oom_message(config, world_size)) from exc
+    totals.micro_batches += 1
+    totals.samples += rows
+    totals.loss_sum += loss.item() * rows  # .item() syncs with the GPU once per micro-batch
+    totals.real_tokens += int(batch["attention_mask"].sum())
+    totals.padded_tokens += batch["attention_mask"].numel()
+
+
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], config: dict, device: torch.device) -> dict:
+    """Loss, accuracy, precision, recall, F1 and the confusion matrix; summed over workers."""
     module = unwrap(model)  # no DDP collectives inside: workers may hold different row counts
     module.eval()
     collate = PadCollate(config["pad_token_id"], multiple_of=8 if device.type == "cuda" else 1)
     # loss_sum, rows, tp, fp, fn, tn
     counts = torch.zeros(6, dtype=torch.float64, device=device)
     with torch.inference_mode():
-        for batch in shard.iter_torch_batches(batch_size=config["eval_batch_size"], collate_fn=collate, prefetch_batches=2):
+        for numpy_batch in batches:
+            batch = to_device(collate(numpy_batch), device)
             with autocast_for(device):
                 logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
@@ -196,41 +238,97 @@ def metrics_from_counts(counts: list[float]) -> dict:
     }
 
 
-def epoch_metrics(totals: EpochTotals, world_size: int, lr: float) -> dict:
-    elapsed = max(totals.data_wait_s + totals.compute_s, 1e-9)
-    steady_elapsed = max(elapsed - totals.first_batch_wait_s - totals.first_batch_compute_s, 1e-9)
-    steady_samples = totals.samples - totals.first_batch_rows
-    return {
-        "train/loss": totals.loss_sum / max(totals.samples, 1),
-        # rank 0's own rate times the workers: shards are equal, steps are in lockstep
-        "train/samples_per_s": totals.samples * world_size / elapsed,
-        "train/tokens_per_s": totals.real_tokens * world_size / elapsed,
-        "train/data_wait_fraction": totals.data_wait_s / elapsed,
-        "train/steady_samples_per_s": steady_samples * world_size / steady_elapsed,
-        "train/steady_data_wait_fraction": (totals.data_wait_s - totals.first_batch_wait_s) / steady_elapsed,
-        "train/startup_wait_s": totals.first_batch_wait_s,
-        "train/padding_efficiency": totals.real_tokens / max(totals.padded_tokens, 1),
-        "train/optimizer_steps": totals.optimizer_steps,
-        "train/epoch_seconds": elapsed,
+def gather_totals(totals: EpochTotals, device: torch.device) -> list[EpochTotals]:
+    """Every worker's totals, in rank order (just this one's without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [totals]
+    mine = torch.tensor(astuple(totals), dtype=torch.float64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    kinds = [type(getattr(totals, f.name)) for f in fields(EpochTotals)]
+    return [EpochTotals(*(kind(value) for kind, value in zip(kinds, row.tolist()))) for row in everyone]
+
+
+def epoch_metrics(ranks: list[EpochTotals], lr: float) -> dict:
+    """The epoch over all workers: loss averaged over rows, rates summed, data wait mean and max."""
+    def steady_elapsed(t: EpochTotals) -> float:
+        return max(t.elapsed_s - t.first_batch_wait_s - t.first_batch_compute_s, 1e-9)
+
+    samples = max(sum(t.samples for t in ranks), 1)
+    waits = [t.data_wait_share for t in ranks]
+    metrics = {
+        "train/loss": sum(t.loss_sum for t in ranks) / samples,
+        "train/samples_per_s": sum(t.samples / t.elapsed_s for t in ranks),
+        "train/tokens_per_s": sum(t.real_tokens / t.elapsed_s for t in ranks),
+        "train/data_wait_fraction": sum(waits) / len(waits),
+        "train/data_wait_fraction_max": max(waits),
+        "train/steady_samples_per_s": sum((t.samples - t.first_batch_rows) / steady_elapsed(t) for t in ranks),
+        "train/steady_data_wait_fraction": sum((t.data_wait_s - t.first_batch_wait_s) / steady_elapsed(t) for t in ranks) / len(ranks),
+        "train/startup_wait_s": max(t.first_batch_wait_s for t in ranks),
+        "train/padding_efficiency": sum(t.real_tokens for t in ranks) / max(sum(t.padded_tokens for t in ranks), 1),
+        "train/optimizer_steps": ranks[0].optimizer_steps,
+        "train/epoch_seconds": max(t.elapsed_s for t in ranks),
         "train/lr": lr,
     }
+    if len(ranks) > 1:  # a slow or starved worker shows up here, not only in the mean
+        for rank, t in enumerate(ranks):
+            metrics[f"train/rank{rank}/loss"] = t.loss_sum / max(t.samples, 1)
+            metrics[f"train/rank{rank}/samples_per_s"] = t.samples / t.elapsed_s
+            metrics[f"train/rank{rank}/data_wait_fraction"] = t.data_wait_share
+    return metrics
 
 
-def save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[int], config: dict) -> Path:
-    """Model in Hugging Face format (loadable as is) + everything needed to resume."""
+@dataclass
+class BestEpoch:
+    """The best epoch so far by validation accuracy (then loss), and its weights when they are gone from the model."""
+
+    epoch: int = -1
+    accuracy: float = -math.inf
+    loss: float = math.inf
+    weights: dict | None = None  # a CPU copy, kept while later epochs train on
+
+    def offer(self, epoch: int, val: dict, model: torch.nn.Module, keep_copy: bool) -> bool:
+        better = val["accuracy"] > self.accuracy or (val["accuracy"] == self.accuracy and val["loss"] < self.loss)
+        if better:
+            self.epoch, self.accuracy, self.loss = epoch, val["accuracy"], val["loss"]
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()} if keep_copy else None
+        return better
+
+    def patience_spent(self, epoch: int, patience: int | None) -> bool:
+        return patience is not None and epoch - self.epoch >= patience
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "accuracy": self.accuracy, "loss": self.loss}
+
+
+def save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[int], config: dict, best: BestEpoch) -> Path:
+    """Model in Hugging Face format (loadable as is) + everything needed to resume.
+
+    When this epoch is not the best one, the best epoch's model goes along in
+    `best_model/`: it is what gets evaluated on test and registered.
+    """
     folder = Path(tempfile.mkdtemp(prefix="ckpt-"))
     unwrap(model).save_pretrained(folder, safe_serialization=True)
+    if best.epoch != epoch and best.weights is not None:
+        unwrap(model).save_pretrained(folder / BEST_MODEL_DIR, state_dict=best.weights, safe_serialization=True)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "history": history,
+            "best": best.state(),
             "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, type(None)))},
         },
         folder / TRAINING_STATE,
     )
     return folder
+
+
+def best_model_folder(checkpoint_dir: str | Path) -> Path:
+    """Where a checkpoint keeps the model to register: the best epoch's."""
+    best = Path(checkpoint_dir) / BEST_MODEL_DIR
+    return best if best.is_dir() else Path(checkpoint_dir)
 
 
 def maybe_inject_failure(config: dict, epoch: int) -> None:
@@ -244,50 +342,96 @@ def maybe_inject_failure(config: dict, epoch: int) -> None:
     raise RuntimeError(f"injected failure at the start of epoch {epoch} (fault test)")
 
 
+# --- the Ray Train side --------------------------------------------------------------
+
+def shard_steps(shard, plan: BatchPlan, seed: int, epoch: int, rank: int) -> Iterator[list[Batch]]:
+    """This worker's train shard as the epoch's optimizer steps; the next window is fetched meanwhile."""
+    windows = shard.iter_batches(batch_size=plan.window_rows, batch_format="numpy", prefetch_batches=1)
+    return epoch_steps(windows, plan, seed, epoch, rank)
+
+
+def evaluate(model, shard, config: dict, device) -> dict:
+    batches = shard.iter_batches(batch_size=config["eval_batch_size"], batch_format="numpy", prefetch_batches=2)
+    return evaluate_batches(model, batches, config, device)
+
+
+def _progress_printer(config: dict, epoch: int, max_steps: int) -> Callable[[EpochTotals], None]:
+    last_print = [time.perf_counter()]
+
+    def progress(totals: EpochTotals) -> None:
+        now = time.perf_counter()
+        if now - last_print[0] > PROGRESS_EVERY_S:
+            last_print[0] = now
+            print(
+                f"[train] epoch {epoch + 1}/{config['epochs']} step {totals.optimizer_steps}/{max_steps} "
+                f"loss {totals.loss_sum / max(totals.samples, 1):.4f} {totals.samples / totals.elapsed_s:.1f} samples/s "
+                f"data-wait {totals.data_wait_share:.0%}",
+                flush=True,
+            )
+
+    return progress
+
+
+def _restore(config: dict, rank: int):
+    """(model, training state or None, best epoch) from Ray's latest checkpoint, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return load_classifier(config["model_path"]), None, BestEpoch()
+    with checkpoint.as_directory() as folder:
+        model = load_classifier(folder)
+        state = torch.load(Path(folder) / TRAINING_STATE, map_location="cpu", weights_only=False)
+        best = BestEpoch(**state.get("best", {"epoch": state["epoch"]}))
+        if best.epoch != state["epoch"] and (Path(folder) / BEST_MODEL_DIR).is_dir():
+            best.weights = load_classifier(Path(folder) / BEST_MODEL_DIR).state_dict()
+    if rank == 0:
+        print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+    return model, state, best
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: resume from the last checkpoint if there is one, train, report."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("num_threads", 1))))
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
 
-    start_epoch, history, state = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            model = load_classifier(folder)
-            state = torch.load(Path(folder) / TRAINING_STATE, map_location="cpu", weights_only=False)
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
-        if rank == 0:
-            print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
-    else:
-        model = load_classifier(config["model_path"])
+    model, state, best = _restore(config, rank)
+    start_epoch, history = (state["epoch"] + 1, list(state["history"])) if state else (0, [])
     model = ray.train.torch.prepare_model(model)
-
     optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
-    total_steps = steps_per_epoch(config, world_size) * config["epochs"]
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config["warmup_ratio"] * total_steps), total_steps)
+    scheduler = build_scheduler(optimizer, config, world_size)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
 
+    plan = batch_plan(config, world_size)
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+    patience = config.get("early_stopping_patience")
     for epoch in range(start_epoch, config["epochs"]):
         maybe_inject_failure(config, epoch)
-        totals = train_one_epoch(model, optimizer, scheduler, shards["train"], config, device, world_size, epoch)
-        metrics = {"epoch": epoch + 1, **epoch_metrics(totals, world_size, scheduler.get_last_lr()[0])}
-        metrics.update({f"val/{k}": v for k, v in evaluate(model, shards["val"], config, device).items()})
+        steps = shard_steps(shards["train"], plan, config["seed"], epoch, rank)
+        progress = _progress_printer(config, epoch, steps_per_epoch(config, world_size)) if rank == 0 else None
+        totals = train_epoch(model, optimizer, scheduler, steps, config, device, world_size, progress)
+        metrics = {"epoch": epoch + 1, **epoch_metrics(gather_totals(totals, device), scheduler.get_last_lr()[0])}
+        val = evaluate(model, shards["val"], config, device)
+        metrics.update({f"val/{k}": v for k, v in val.items()})
         if device.type == "cuda":
             metrics["train/gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
         history.append(epoch)
-        if epoch == config["epochs"] - 1:
-            test = evaluate(model, ray.train.get_dataset_shard("test"), config, device)
-            metrics.update({f"test/{k}": v for k, v in test.items()})
+        last_epoch = epoch == config["epochs"] - 1
+        best.offer(epoch, val, model, keep_copy=not last_epoch)
+        stop = last_epoch or best.patience_spent(epoch, patience)
         metrics["epochs_trained"] = ",".join(str(e + 1) for e in history)
-        folder = save_checkpoint(model, optimizer, scheduler, epoch, history, config) if rank == 0 else None
+        folder = save_checkpoint(model, optimizer, scheduler, epoch, history, config, best) if rank == 0 else None
+        if stop:
+            metrics.update(_final_metrics(model, best, epoch, config, device, stopped_early=not last_epoch))
         report_start = time.perf_counter()
         try:
             # rank 0 uploads the checkpoint to the run's storage (a bucket on a cluster) inside report()
@@ -297,3 +441,22 @@ def train_loop_per_worker(config: dict) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
         if rank == 0:
             print(f"[train] epoch {epoch + 1}: checkpoint stored in {time.perf_counter() - report_start:.2f} s", flush=True)
+        if stop:
+            break
+
+
+def _final_metrics(model, best: BestEpoch, epoch: int, config: dict, device, stopped_early: bool) -> dict:
+    """The best epoch's model on the test split (its weights put back if later epochs moved on)."""
+    import ray.train
+
+    if best.epoch != epoch and best.weights is not None:
+        unwrap(model).load_state_dict(best.weights)
+    if stopped_early and ray.train.get_context().get_world_rank() == 0:
+        print(f"[train] early stop after epoch {epoch + 1}: no better {SELECTION_METRIC} since epoch {best.epoch + 1}", flush=True)
+    test = evaluate(model, ray.train.get_dataset_shard("test"), config, device)
+    return {
+        **{f"test/{k}": v for k, v in test.items()},
+        "best_epoch": best.epoch + 1,
+        "best/val_accuracy": best.accuracy,
+        "stopped_early": int(stopped_early),
+    }

@@ -35,26 +35,6 @@ def test_tokenized_batches_are_padded_to_their_own_longest_row(ray_session, samp
     assert len(widths) > 1 or widths == {64}
 
 
-def test_grouping_by_length_cuts_padding(ray_session, sample_manifest, bundled_model_path):
-    settings = TokenizerSettings(bundled_model_path, max_length=512, truncation="head")
-
-    def padding_efficiency(group: bool) -> tuple[float, int]:
-        datasets = tokenized_splits(
-            sample_manifest, settings, splits=("train",), group_by_length_batch_size=8 if group else None
-        )
-        real = padded = rows = 0
-        for batch in datasets["train"].iter_torch_batches(batch_size=8, collate_fn=PadCollate(0)):
-            real += int(batch["attention_mask"].sum())
-            padded += batch["attention_mask"].numel()
-            rows += len(batch["labels"])
-        return real / padded, rows
-
-    grouped, grouped_rows = padding_efficiency(True)
-    plain, plain_rows = padding_efficiency(False)
-    assert grouped_rows == plain_rows == sample_manifest.splits["train"].rows, "grouping must not lose rows"
-    assert grouped > plain + 0.05, f"grouping should cut padding ({grouped:.2f} vs {plain:.2f})"
-
-
 def test_training_rows_arrive_in_shard_order_on_every_pass(ray_session, sample_manifest, bundled_model_path):
     """--deterministic-data: the train shard a worker sees is the manifest's order, epoch after epoch.
 
@@ -64,12 +44,12 @@ def test_training_rows_arrive_in_shard_order_on_every_pass(ray_session, sample_m
 
     from pipelines.config import TrainConfig
     from pipelines.datasets import read_split_table
-    from pipelines.fine_tune import EvalSplitDataConfig, training_datasets
+    from pipelines.streaming import EvalSplitDataConfig, training_datasets
 
     config = TrainConfig(data=sample_manifest.root.uri, batch_size=16, max_length=32, group_by_length=False)
     # small tokenizer batches and two actors: without preserve_order, blocks finish out of order
     resources = DataResources(tokenize_batch_size=32, tokenizer_actors_min=2, tokenizer_actors_max=2)
-    datasets = training_datasets(sample_manifest, bundled_model_path, config, resources)
+    datasets = training_datasets(sample_manifest, bundled_model_path, config, resources, cache=False)
 
     def random_delay(batch):  # defined here: pickled by value, workers cannot import test modules
         import random

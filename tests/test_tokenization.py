@@ -10,7 +10,6 @@ import torch
 
 from pipelines.errors import ConfigError
 from pipelines.tokenization import (
-    GroupByLength,
     PadCollate,
     TokenizeBatch,
     TokenizerSettings,
@@ -148,46 +147,6 @@ def test_pad_collate_on_tokenized_rows(head_tail: TokenizeBatch) -> None:
     out = PadCollate(pad_token_id=pad_id)(tokenized)
     assert out["input_ids"].shape[1] == max(tokenized["length"]) < 32
     assert out["attention_mask"].sum(dim=1).tolist() == tokenized["length"].tolist()
-
-
-# ---------------------------------------------------------------- GroupByLength
-
-
-def test_group_by_length_is_a_permutation_with_similar_length_batches() -> None:
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(5, 300, size=64).astype(np.int32)
-    batch = {
-        "input_ids": ragged(*lengths.tolist()),
-        "length": lengths,
-        "label": np.arange(64) % 2,
-        "row": np.arange(64),
-    }
-    out = GroupByLength(batch_size=8, seed=0)(batch)
-    order = out["row"]
-    assert sorted(order.tolist()) == list(range(64))
-    # rows stay whole: every column was permuted the same way
-    assert out["length"].tolist() == lengths[order].tolist()
-    assert out["label"].tolist() == (order % 2).tolist()
-    assert [len(r) for r in out["input_ids"]] == out["length"].tolist()
-    # each batch of 8 holds neighbours in length: batches' ranges do not overlap
-    chunks = [out["length"][i : i + 8] for i in range(0, 64, 8)]
-    ranges = sorted((int(c.min()), int(c.max())) for c in chunks)
-    for (_, high), (low, _) in zip(ranges, ranges[1:]):
-        assert high <= low
-    padded = sum(8 * int(c.max()) - int(c.sum()) for c in chunks)
-    random_padded = sum(8 * int(c.max()) - int(c.sum()) for c in np.split(lengths, 8))
-    assert padded < random_padded / 3
-    # ...but the batches are not served short-to-long
-    mins = [int(c.min()) for c in chunks]
-    assert mins != sorted(mins)
-
-
-def test_group_by_length_handles_a_partial_last_batch() -> None:
-    lengths = np.array([9, 1, 5, 3, 7], dtype=np.int32)
-    out = GroupByLength(batch_size=2, seed=1)({"length": lengths, "row": np.arange(5)})
-    assert sorted(out["row"].tolist()) == [0, 1, 2, 3, 4]
-    chunks = [sorted(out["length"][i : i + 2].tolist()) for i in range(0, 5, 2)]
-    assert sorted(chunks) == [[1, 3], [5, 7], [9]]
 
 
 # ---------------------------------------------------------------- settings and loading

@@ -249,24 +249,25 @@ def test_imdb_offline_names_the_way_out(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_more_workers_than_the_cluster_holds(ray_session):
-    from pipelines.fine_tune import plan_resources
+    from pipelines.runtime import plan_resources
 
     with pytest.raises(ConfigError, match="CPUs"):
-        plan_resources(TrainConfig(num_workers=4, batch_size=32))
+        plan_resources(TrainConfig(num_workers=4, batch_size=32), tokenized_up_front=True)
     with pytest.raises(ConfigError, match="GPUs"):
-        plan_resources(TrainConfig(use_gpu="yes"))
+        plan_resources(TrainConfig(use_gpu="yes"), tokenized_up_front=True)
 
 
 @pytest.mark.timeout(120)
-def test_token_cache_is_used_when_it_fits_the_object_store(ray_session, sample_manifest, monkeypatch):
-    from pipelines import fine_tune, runtime
+def test_token_cache_is_used_when_it_fits_the_object_store(ray_session, sample_manifest):
+    from pipelines import runtime
+    from pipelines.streaming import should_cache_tokenized
 
-    small = TrainConfig(max_length=64)
-    assert fine_tune.should_cache_tokenized(small, sample_manifest), "a few hundred reviews fit any object store"
-    assert not fine_tune.should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="no"), sample_manifest)
-    monkeypatch.setattr(runtime, "object_store_bytes", lambda: 1e6)  # 1 MB: far too small
-    assert not fine_tune.should_cache_tokenized(small, sample_manifest)
-    assert fine_tune.should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="yes"), sample_manifest)
+    small, store = TrainConfig(max_length=64), runtime.object_store_bytes()
+    assert should_cache_tokenized(small, sample_manifest, 1, store), "a few hundred reviews fit any object store"
+    assert not should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="no"), sample_manifest, 1, store)
+    assert not should_cache_tokenized(small, sample_manifest, 1, 1e6), "1 MB: far too small"
+    assert should_cache_tokenized(TrainConfig(max_length=64, cache_tokenized="yes"), sample_manifest, 1, 1e6)
+    assert not should_cache_tokenized(small, sample_manifest, 3, store), "a lost node would take its cached blocks"
 
 
 def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):

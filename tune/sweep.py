@@ -28,13 +28,14 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines import fine_tune, registry, runtime, tracking
+from pipelines import fine_tune, registry, runtime, streaming, tracking
 from pipelines.datasets import Manifest, load_manifest
 from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import resolve_model_path
 from pipelines.storage import resolve
 from pipelines.streaming import DataResources
 from pipelines.tokenization import load_tokenizer
+from pipelines.training import best_model_folder
 from tune.settings import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class SweepContext:
     sweep_name: str
     use_gpu: bool
     data_resources: dict
+    alive_nodes: int
+    object_store_bytes: float  # this trial's share
+    threads_per_worker: int
 
 
 @dataclass(frozen=True)
@@ -125,14 +129,14 @@ def trials_planned(config: SweepConfig) -> int:
 def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
     """Trials at once that fit the cluster; an explicit --max-concurrent beyond that is an error."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
-    per_trial_cpus = config.num_workers * config.cpus_per_worker + fine_tune.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
+    per_trial_cpus = config.num_workers * config.cpus_per_worker + runtime.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
     fits = int(cpus // per_trial_cpus)
     if use_gpu:
         fits = min(fits, int(gpus // config.num_workers))
     if fits < 1:
         raise ConfigError(
             f"one trial needs {per_trial_cpus:g} CPUs ({config.num_workers} worker(s) x {config.cpus_per_worker:g} "
-            f"+ {fine_tune.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
+            f"+ {runtime.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
         )
     if config.max_concurrent is not None and config.max_concurrent > fits:
         raise ConfigError(
@@ -141,6 +145,14 @@ def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
             f"the cluster holds {fits} at once ({cpus:g} CPUs, {gpus:g} GPUs)"
         )
     return config.max_concurrent or fits
+
+
+def trial_threads(config: SweepConfig, plan: runtime.ResourcePlan, concurrency: int) -> int:
+    """Torch threads per trial worker: the CPUs left by data, shared by the trials that run at once."""
+    if plan.use_gpu:
+        return plan.threads_per_worker
+    free = plan.cluster_cpus - concurrency * runtime.DATA_CPU_RESERVE
+    return max(1, int(free // (concurrency * config.num_workers)))
 
 
 def check_batch_sizes(config: SweepConfig, train_rows: int) -> None:
@@ -185,10 +197,9 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         except Exception:  # already logged before a resume
             pass
     manifest = load_manifest(context.dataset_uri)
-    datasets = fine_tune.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources))
-    loop_config = {
-        **fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id),
-    }
+    cache = streaming.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
+    datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache)
+    loop_config = fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
     run_config = RunConfig(
         name=config.run_name,
         storage_path=resolve(sweep.storage).child("tune_results", context.sweep_name, "train").uri,
@@ -327,7 +338,7 @@ def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifes
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-            model_info = fine_tune.log_model(folder, context.model_path, train_config)
+            model_info = tracking.log_model(str(best_model_folder(folder)), context.model_path, train_config.register_as)
     version = str(model_info.registered_model_version)
     decision = registry.apply_gate(client, config.register_as, version, config.promote, float(best["test_accuracy"]), manifest.content_hash)
     return version, decision
@@ -344,8 +355,10 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
     runtime.init_ray(config.ray_address)
     probe = config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data)
     # the autoscaler request covers the whole sweep and is withdrawn when it ends
-    with fine_tune.requested_resources(probe):
-        use_gpu, data_resources = fine_tune.plan_resources(probe)
+    with runtime.requested_resources(probe):
+        # trials tokenize in their own Ray Data pipelines, concurrently: plan as streaming
+        plan = runtime.plan_resources(probe, tokenized_up_front=False)
+        use_gpu, data_resources = plan.use_gpu, plan.data
         concurrency = plan_concurrency(config, use_gpu)
         from ray.data import DataContext
 
@@ -366,7 +379,9 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                 sweep=config.as_dict(), dataset_uri=manifest.root.uri, model_path=model_path,
                 pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
                 experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
-                data_resources=data_resources.as_dict(),
+                data_resources=data_resources.as_dict(), alive_nodes=runtime.alive_node_count(),
+                object_store_bytes=runtime.object_store_bytes() / concurrency,
+                threads_per_worker=trial_threads(config, plan, concurrency),
             )
             result_grid = _tuner(config, context, concurrency, sweep_name).fit()
             rows = summarize(result_grid, config)
