@@ -21,9 +21,13 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2
 
 
-def field(default: Any, help: str, choices: typing.Sequence[Any] | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with the help text (and choices) that its --flag shows."""
-    metadata = {"help": help, "choices": choices}
+def field(default: Any, help: str, choices: typing.Sequence[Any] | None = None, exclude: typing.Iterable[str] = (), **kwargs: Any) -> Any:
+    """A dataclass field with the help text (and choices) that its --flag shows.
+
+    A field that holds another settings dataclass contributes that class's flags, with
+    its default instance's values as their defaults, except the fields named in `exclude`.
+    """
+    metadata = {"help": help, "choices": choices, "exclude": frozenset(exclude)}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -47,15 +51,25 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings_cls: type) -> None:
-    """Add one --flag per field of `settings_cls`, typed from its annotation."""
+def add_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type, defaults: Any = None, exclude: typing.Collection[str] = (), description: str | None = None
+) -> None:
+    """Add one --flag per field of `settings_cls`, typed from its annotation.
+
+    `defaults`: an instance whose values are the flags' defaults (else the fields' own);
+    `exclude`: fields that get no flag. A field holding a settings dataclass adds its flags.
+    """
     hints = typing.get_type_hints(settings_cls)
-    group = parser.add_argument_group(settings_cls.__name__, (settings_cls.__doc__ or "").strip().splitlines()[0])
+    group = parser.add_argument_group(settings_cls.__name__, description or (settings_cls.__doc__ or "").strip().splitlines()[0])
+    nested = []
     for f in dataclasses.fields(settings_cls):
-        if not f.init:
+        if not f.init or f.name in exclude:
             continue
         kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        if dataclasses.is_dataclass(kind):
+            nested.append((kind, default, f.metadata.get("exclude", ()), f.metadata.get("help")))
+            continue
         options: dict[str, Any] = {"default": default, "dest": f.name, "help": f.metadata.get("help", "")}
         if f.metadata.get("choices"):
             options["choices"] = f.metadata["choices"]
@@ -70,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser, settings_cls: type) -> None:
         if options["help"] and "action" not in options:
             options["help"] += " (default: %(default)s)"
         group.add_argument(_flag(f.name), **options)
+    for kind, default, excluded, help_text in nested:
+        add_arguments(parser, kind, default, excluded, help_text)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
@@ -80,13 +100,26 @@ def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
-def from_namespace(settings_cls: type[T], namespace: argparse.Namespace) -> T:
-    """Build the dataclass from parsed flags, so its validation runs once, here."""
-    names = [f.name for f in dataclasses.fields(settings_cls) if f.init]
-    values = {name: getattr(namespace, name) for name in names if hasattr(namespace, name)}
+def from_namespace(settings_cls: type[T], namespace: argparse.Namespace, defaults: Any = None, exclude: typing.Collection[str] = ()) -> T:
+    """Build the dataclass from parsed flags, so its validation runs once, here.
+
+    Nested settings are built first; excluded fields keep the values of `defaults`.
+    """
+    hints = typing.get_type_hints(settings_cls)
+    values = {}
+    for f in dataclasses.fields(settings_cls):
+        if not f.init or f.name in exclude:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested_defaults = getattr(defaults, f.name) if defaults is not None else _default(f)
+            values[f.name] = from_namespace(hints[f.name], namespace, nested_defaults, f.metadata.get("exclude", ()))
+        elif hasattr(namespace, f.name):
+            values[f.name] = getattr(namespace, f.name)
     for name, value in values.items():
         if isinstance(value, list):
             values[name] = tuple(value) if _is_tuple_field(settings_cls, name) else value
+    if defaults is not None:
+        return dataclasses.replace(defaults, **values)
     return settings_cls(**values)
 
 

@@ -173,10 +173,8 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
         DataContext.get_current().enable_progress_bars = False
         datasets = streaming.training_datasets(manifest, model_path, config, plan.data, cache)
         loop_config = {**build_loop_config(config, manifest, model_path, tokenizer.pad_token_id, plan.threads_per_worker), **(loop_overrides or {})}
-        run_dir = _run_dir(config, run_name)
-        run_dir.makedirs()
-        run_settings.save(run_dir, settings)
-        outcome = _train_in_mlflow_run(config, manifest, model_path, run_name, tracking_uri, experiment_id, plan, datasets, loop_config)
+        _run_dir(config, run_name).makedirs()
+        outcome = _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, datasets, loop_config)
     _print_summary(outcome, config)
     return outcome
 
@@ -185,10 +183,11 @@ def _run_dir(config: TrainConfig, run_name: str) -> Location:
     return resolve(config.storage).child("ray_results", run_name)
 
 
-def _train_in_mlflow_run(config, manifest, model_path, run_name, tracking_uri, experiment_id, plan, datasets, loop_config) -> TrainingOutcome:
+def _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, datasets, loop_config) -> TrainingOutcome:
     log_dir = Path(tempfile.mkdtemp(prefix="train-log-"))
     with tracking.console_log(log_dir / "console.log") as log_path:
-        run_id = _start_mlflow_run(config, run_name, experiment_id)
+        run_id = _start_mlflow_run(config, run_name, experiment_id)  # refuses a taken name without --resume
+        run_settings.save(_run_dir(config, run_name), settings)  # what a later --resume is checked against
         try:
             _record_settings(config, manifest, model_path, run_name, plan)
             result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config)

@@ -280,15 +280,15 @@ def epoch_metrics(ranks: list[EpochTotals], lr: float) -> dict:
 
 @dataclass
 class BestEpoch:
-    """The best epoch so far by validation accuracy (then loss), and its weights when they are gone from the model."""
+    """The best epoch so far by validation accuracy (a tie is no improvement), and its weights while later epochs train on."""
 
     epoch: int = -1
     accuracy: float = -math.inf
     loss: float = math.inf
-    weights: dict | None = None  # a CPU copy, kept while later epochs train on
+    weights: dict | None = None  # a CPU copy
 
     def offer(self, epoch: int, val: dict, model: torch.nn.Module, keep_copy: bool) -> bool:
-        better = val["accuracy"] > self.accuracy or (val["accuracy"] == self.accuracy and val["loss"] < self.loss)
+        better = val["accuracy"] > self.accuracy
         if better:
             self.epoch, self.accuracy, self.loss = epoch, val["accuracy"], val["loss"]
             self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()} if keep_copy else None

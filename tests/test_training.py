@@ -308,8 +308,80 @@ def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path,
         run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
     with pytest.raises(ConfigError, match="--resume"):
         run_training(config)  # the same name again without --resume is refused, not silently resumed
-    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, run_name="resume-me", resume=True, register_as="resume-imdb"))
-    assert resumed.metrics["epochs_trained"] == "1,2"
+    changed = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, run_name="resume-me", resume=True,
+                          register_as="resume-imdb", lr=1e-4, batch_size=16, max_length=32)
+    with pytest.raises(ConfigError) as refused:
+        run_training(changed)  # another run's settings would be mixed into this one's model
+    for difference in ("--lr 0.003 -> 0.0001", "--batch-size 8 -> 16", "--max-length 64 -> 32"):
+        assert difference in str(refused.value)
+    # raising --epochs is allowed: the run goes on for one more epoch
+    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=3, run_name="resume-me", resume=True, register_as="resume-imdb"))
+    assert resumed.metrics["epochs_trained"] == "1,2,3"
     client = MlflowClient(resumed.tracking_uri)
-    assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2]
-    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2, 3]
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_with_epochs"] == "3"
+
+
+@pytest.mark.timeout(600)
+def test_early_stopping_registers_the_best_epoch(ray_session, sample_manifest, tmp_path, tiny_model_dir):
+    """A learning rate too small to change a prediction: epoch 2 is no better, patience 1 stops there."""
+    from pipelines.fine_tune import run_training
+
+    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=4, lr=1e-9, max_steps_per_epoch=2,
+                         early_stopping_patience=1, register_as="early-imdb")
+    outcome = run_training(config)
+    assert outcome.metrics["epochs_trained"] == "1,2", "training went on past the patience"
+    assert outcome.metrics["stopped_early"] == 1 and outcome.metrics["best_epoch"] == 1
+    assert outcome.metrics["test/rows"] == sample_manifest.splits["test"].rows, "the test split was not evaluated"
+    client = MlflowClient(outcome.tracking_uri)
+    assert client.get_model_version(config.register_as, outcome.registered_version).tags["best_epoch"] == "1"
+    assert client.get_run(outcome.run_id).data.tags["best_epoch"] == "1"
+
+
+def test_the_best_epoch_is_kept_and_checkpointed(tiny_model_dir):
+    """Bare: epoch 2 is best, epoch 3 is worse; the checkpoint of epoch 3 carries epoch 2's model for registration."""
+    import shutil
+
+    from pipelines.model import load_classifier
+    from pipelines.training import BestEpoch, best_model_folder, build_optimizer, build_scheduler, save_checkpoint
+
+    model = load_classifier(tiny_model_dir)
+    optimizer = build_optimizer(model, 1e-3, 0.0)
+    scheduler = build_scheduler(optimizer, {"batch_size": 8, "grad_accum": 1, "train_rows": 80, "epochs": 3, "warmup_ratio": 0.0}, 1)
+    best, snapshots = BestEpoch(), []
+    for epoch, accuracy in enumerate([0.6, 0.7, 0.65]):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.01)  # "training" moves every weight
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        best.offer(epoch, {"accuracy": accuracy, "loss": 1.0}, model, keep_copy=True)
+        assert not best.patience_spent(epoch, patience=2)
+    assert best.epoch == 1 and best.patience_spent(3, patience=2)
+    folder = save_checkpoint(model, optimizer, scheduler, 2, [0, 1, 2], {"lr": 1e-3}, best)
+    try:
+        registered = load_classifier(best_model_folder(folder)).state_dict()
+        for name, value in snapshots[1].items():
+            torch.testing.assert_close(registered[name], value, msg=f"{name} is not epoch 2's")
+        state = torch.load(folder / "training_state.pt", weights_only=False)
+        assert state["best"] == {"epoch": 1, "accuracy": 0.7, "loss": 1.0}
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(
+    "options, cached, node_cpus, use_gpu, threads",
+    [
+        ({}, True, 2, False, 2),  # token ids cached: Ray Data is idle while training, both cores train
+        ({}, False, 2, False, 1),  # streaming: the tokenizer actors keep their reserve
+        ({}, True, 16, False, 16),
+        ({"num_workers": 2, "batch_size": 16}, True, 16, False, 8),
+        ({"threads_per_worker": 3}, True, 2, False, 3),  # what the user says
+        ({"cpus_per_worker": 4}, True, 16, True, 4),  # GPUs: as before
+    ],
+)
+def test_threads_use_the_cpus_ray_data_does_not_need(options, cached, node_cpus, use_gpu, threads):
+    from pipelines.runtime import plan_threads
+
+    assert plan_threads(TrainConfig(**options), use_gpu, cached, node_cpus) == threads
