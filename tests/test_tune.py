@@ -1,7 +1,12 @@
-"""Sweeps for real: Ray Tune running the platform's Ray Train job per trial, on a local Ray."""
+"""Sweeps for real: Ray Tune running the platform's Ray Train job per trial, on a local Ray.
+
+The settings tests at the end need no Ray: every train_imdb flag reaches the trials, and
+the search-space table is checked before anything starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,20 +17,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
-from tune.settings import SweepConfig
-from tune.sweep import check_batch_sizes, lr_grid, plan_concurrency, trials_planned
+from tune.settings import NOT_FLAGS, SweepConfig
+from tune.sweep import check_batch_sizes, plan_concurrency, search_space, trials_planned
+from tune.tune_imdb import build_parser, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_sweep(manifest, storage, model, **overrides) -> SweepConfig:
-    settings = dict(
-        data=manifest.root.uri,
-        model=model,
+def tiny_sweep(manifest, storage, model) -> SweepConfig:
+    return SweepConfig(
         num_samples=4,
         max_concurrent=1,  # one trial (1 CPU worker + data) fits 2 CPUs
-        epochs=3,
         scheduler="asha",
         metric="val/loss",  # continuous: a tiny model's accuracy ties at 0.5 early on
         grace_period=1,
@@ -34,15 +38,19 @@ def tiny_sweep(manifest, storage, model, **overrides) -> SweepConfig:
         lr_min=1e-6,
         lr_max=1e-2,
         batch_sizes=(8,),
-        max_length=64,
-        group_by_length=False,  # see tests/test_training.py: tiny random BERTs learn unreliably with it
-        storage=str(storage),
-        experiment="sweep-tests",
-        register_as="tiny-sweep",
-        seed=3,
+        train=TrainConfig(
+            data=manifest.root.uri,
+            model=model,
+            epochs=3,
+            batch_size=8,
+            max_length=64,
+            group_by_length=False,  # see tests/test_training.py: tiny random BERTs learn unreliably with it
+            storage=str(storage),
+            experiment="sweep-tests",
+            register_as="tiny-sweep",
+            seed=3,
+        ),
     )
-    settings.update(overrides)
-    return SweepConfig(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,9 @@ def test_every_trial_is_an_mlflow_child_run(sweep_outcome):
         assert float(child.data.params["lr"]) > 0
         assert child.data.params["batch_size"] == "8"
         history = client.get_metric_history(child.info.run_id, "val/loss")
-        assert 1 <= len(history) <= config.epochs
+        assert 1 <= len(history) <= config.train.epochs
+        assert child.data.tags["swept"] == "batch_size,lr"
+        assert child.data.params["max_length"] == "64" and child.data.params["warmup_ratio"] == "0.06", "the whole TrainConfig"
         assert child.info.status in ("FINISHED", "KILLED")
     logged_epochs = sum(len(client.get_metric_history(child.info.run_id, "val/loss")) for child in children)
     assert logged_epochs == sum(row["epochs_run"] for row in outcome.trials), "one val/loss per epoch each trial ran"
@@ -80,8 +90,8 @@ def test_asha_stops_poor_trials_early(sweep_outcome):
     config, outcome = sweep_outcome
     stopped = [row for row in outcome.trials if row["status"] == "stopped_early"]
     assert stopped, f"ASHA stopped no trial: {outcome.trials}"
-    assert all(row["epochs_run"] < config.epochs for row in stopped)
-    assert sum(row["epochs_run"] for row in outcome.trials) < config.num_samples * config.epochs
+    assert all(row["epochs_run"] < config.train.epochs for row in stopped)
+    assert sum(row["epochs_run"] for row in outcome.trials) < config.num_samples * config.train.epochs
 
 
 @pytest.mark.timeout(1200)
@@ -92,16 +102,20 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
     assert best["status"] == "completed"
     finished = [row for row in outcome.trials if row["status"] == "completed"]
     assert best["score"] == min(row["score"] for row in finished), "best = lowest val/loss among finished trials"
-    version = client.get_model_version(config.register_as, outcome.registered_version)
+    register_as = config.train.register_as
+    version = client.get_model_version(register_as, outcome.registered_version)
     assert version.tags["gate.decision"] == "promoted"  # the first version: no champion yet
-    assert str(client.get_model_version_by_alias(config.register_as, "champion").version) == outcome.registered_version
+    assert str(client.get_model_version_by_alias(register_as, "champion").version) == outcome.registered_version
     run = client.get_run(version.run_id)
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id, "registered from the best trial's child run"
 
 
 @pytest.mark.timeout(1500)
 def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir, tmp_path):
-    """SIGINT the sweep's driver after its first trial, then --resume runs the second in the same MLflow run."""
+    """SIGINT the sweep's driver after its first trial, then --resume runs the second in the same MLflow run.
+
+    It also sweeps warmup_ratio: a non-lr field given on the command line reaches each trial's run.
+    """
     import ray
 
     from tune.sweep import run_sweep
@@ -110,7 +124,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     args = [
         sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir,
         "--num-samples", "2", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
-        "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
+        "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
@@ -129,15 +143,25 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     marker = trial_results / "mlflow_parent_run_id"
     parent_before = marker.read_text().strip()
     config = SweepConfig(
-        data=sample_manifest.root.uri, model=tiny_model_dir, num_samples=2, max_concurrent=1, epochs=2, scheduler="fifo",
-        metric="val/loss", lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,), max_length=64, group_by_length=False, storage=str(storage),
-        sweep_name="resume-me", resume=True, register_as="resume-sweep", experiment="sweep-tests",
+        num_samples=2, max_concurrent=1, scheduler="fifo", metric="val/loss",
+        space=("warmup_ratio=uniform:0:0.1",), lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,),
+        sweep_name="resume-me", resume=True,
+        train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=2, batch_size=8, max_length=64,
+                          group_by_length=False, storage=str(storage), register_as="resume-sweep", experiment="sweep-tests"),
     )
     outcome = run_sweep(config)
     assert outcome.parent_run_id == parent_before
     assert len(outcome.trials) == 2
     assert all(row["status"] == "completed" for row in outcome.trials), outcome.trials
     assert outcome.registered_version is not None
+    client = MlflowClient(outcome.tracking_uri)
+    for row in outcome.trials:
+        assert 0 <= row["warmup_ratio"] <= 0.1
+        child = client.search_runs(
+            [client.get_run(outcome.parent_run_id).info.experiment_id], filter_string=f"tags.tune_trial_id = '{row['trial_id']}'"
+        )[0]
+        assert float(child.data.params["warmup_ratio"]) == pytest.approx(row["warmup_ratio"])
+        assert child.data.tags["swept"] == "batch_size,lr,warmup_ratio"
 
 
 def test_search_space_errors_are_clear():
@@ -150,15 +174,20 @@ def test_search_space_errors_are_clear():
     with pytest.raises(ConfigError, match="--lr-min"):
         SweepConfig(lr_min=0.0)
     with pytest.raises(ConfigError, match="grace"):
-        SweepConfig(epochs=1, grace_period=1)
+        SweepConfig(grace_period=1, train=TrainConfig(epochs=1))
     with pytest.raises(ConfigError, match="exceed"):
         check_batch_sizes(SweepConfig(batch_sizes=(16, 4096)), train_rows=1000)
 
 
 def test_grid_covers_every_combination():
-    config = SweepConfig(search="grid", lr_min=1e-5, lr_max=1e-3, lr_grid_points=3, batch_sizes=(16, 32), num_samples=1)
-    assert lr_grid(config) == pytest.approx([1e-5, 1e-4, 1e-3])
+    config = SweepConfig(search="grid", lr_min=1e-5, lr_max=1e-3, grid_points=3, batch_sizes=(16, 32), num_samples=1)
+    lr, batch_size = config.dimensions()
+    assert lr.grid(config.grid_points) == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert batch_size.grid(config.grid_points) == [16, 32]
     assert trials_planned(config) == 6
+    wider = SweepConfig(search="grid", grid_points=3, num_samples=1, space=("warmup_ratio=uniform:0:0.2", "grad_accum=randint:1:2", "truncation=choice:head,head_tail"))
+    assert [row.grid(3) for row in wider.dimensions()] == [pytest.approx([0, 0.1, 0.2]), [1, 2], ["head", "head_tail"]]
+    assert trials_planned(wider) == 3 * 2 * 2
 
 
 @pytest.mark.timeout(120)
@@ -176,3 +205,106 @@ def test_cli_rejects_bad_space_before_ray():
     )
     assert result.returncode == 2
     assert "inverted" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- tune_imdb takes every train_imdb flag (no Ray) --------------------------------------
+
+def _other_value(field: dataclasses.Field):
+    """A valid value of a TrainConfig field that differs from its default, and its argv."""
+    default, choices = field.default, field.metadata.get("choices")
+    if choices:
+        value = next(choice for choice in choices if choice != default)
+    elif isinstance(default, bool):
+        return (not default), [f"--{'' if default is False else 'no-'}{field.name.replace('_', '-')}"]
+    elif isinstance(default, int):
+        value = default * 2  # even: a batch size stays a multiple of 2 workers or 2 micro-batches
+    elif isinstance(default, float):
+        value = default / 2
+    elif field.name in ("max_steps_per_epoch", "early_stopping_patience", "threads_per_worker"):
+        value = 2
+    else:
+        value = f"/tmp/{field.name}-value" if field.name in ("data", "storage") else f"{field.name}-value"
+    return value, [f"--{field.name.replace('_', '-')}", str(value)]
+
+
+TRAIN_FLAGS = [f for f in dataclasses.fields(TrainConfig) if f.name not in NOT_FLAGS]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", TRAIN_FLAGS, ids=[f.name for f in TRAIN_FLAGS])
+def test_every_train_flag_sets_the_trials_base(field):
+    # the default space sweeps lr and batch_size: their own flags need a space without them
+    space = ["--space", "seed=choice:1,2" if field.name != "seed" else "shuffle_window=choice:64,128"]
+    value, argv = _other_value(field)
+    config = parse_settings(argv + space)
+    assert getattr(config.train, field.name) == value
+    trial = config.trial_config({"seed": 1} if field.name != "seed" else {"shuffle_window": 64}, "train-t1")
+    assert getattr(trial, field.name) == value
+
+
+@pytest.mark.timeout(60)
+def test_help_lists_train_flags_but_not_per_run_ones(capsys):
+    help_text = build_parser().format_help()
+    for flag in ("--truncation", "--warmup-ratio", "--grad-accum", "--weight-decay", "--cache-tokenized",
+                 "--eval-batch-size", "--early-stopping-patience", "--shuffle-window", "--space", "--promote"):
+        assert flag in help_text
+    assert "--run-name" not in help_text and "--max-failures" not in help_text
+    assert parse_settings([]).train.experiment == "imdb-sentiment-sweeps"
+    for argv in (["--run-name", "x"], ["--max-failures", "1"]):
+        with pytest.raises(SystemExit):
+            parse_settings(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_swept_warmup_ratio_reaches_the_trials_train_config():
+    config = parse_settings(["--space", "warmup_ratio=uniform:0:0.1", "truncation=choice:head,head_tail",
+                             "--batch-size", "16", "--grad-accum", "2", "--data", "sample"])
+    assert config.swept() == ("warmup_ratio", "truncation")
+    sampled = {name: domain.sample() for name, domain in search_space(config).items()}
+    assert 0 <= sampled["warmup_ratio"] <= 0.1
+    trial = config.trial_config(sampled, "train-t1", data="/datasets/sample/v1")
+    assert isinstance(trial, TrainConfig) and isinstance(trial.warmup_ratio, float)
+    assert (trial.warmup_ratio, trial.truncation) == (pytest.approx(sampled["warmup_ratio"]), sampled["truncation"])
+    assert (trial.batch_size, trial.grad_accum, trial.lr, trial.data) == (16, 2, TrainConfig.lr, "/datasets/sample/v1")
+    assert (trial.run_name, trial.max_failures, trial.promote, trial.resume) == ("train-t1", 0, "never", False)
+    assert config.train.promote == "auto", "--promote is the sweep's, for the best trial"
+    assert config.as_dict()["train"]["warmup_ratio"] == "swept: --space warmup_ratio=uniform:0:0.1"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--space", "warmup=uniform:0:0.1"], "'warmup' is not a train_imdb flag (did you mean warmup_ratio?)"),
+        (["--space", "truncation=uniform:0:1"], "uniform needs a numeric field, and truncation is a str: use choice:head,head_tail"),
+        (["--space", "batch_size=loguniform:8:64"], "batch_size is an integer: use randint"),
+        (["--space", "num_workers=choice:1,2"], "num_workers cannot be swept"),
+        (["--space", "lr=loguniform:1e-3:1e-5"], "inverted"),
+        (["--space", "warmup_ratio=uniform:0.1:0.1"], "empty"),
+        (["--space", "warmup_ratio=uniform:0:1"], "warmup_ratio=1.0 would be refused: --warmup-ratio must be in [0, 1)"),
+        (["--num-workers", "2", "--batch-sizes", "16", "25"], "batch_size=25 would be refused: --batch-size 25 must be a multiple"),
+        (["--space", "batch_size=choice:16,32", "grad_accum=randint:1:3"], "batch_size=16, grad_accum=3 would be refused"),
+        (["--space", "lr=log:1e-5:1e-3"], "unknown distribution 'log'"),
+        (["--space", "lr:1e-5"], "write FIELD=DISTRIBUTION:ARGS"),
+        (["--space", "lr=choice:1e-5,1e-5"], "listed twice"),
+        (["--space", "truncation=choice:tail"], "'tail' is not one of head, head_tail"),
+        (["--lr", "3e-5"], "--lr is given, but lr is swept (--space lr=loguniform:1e-5:1e-3)"),
+    ],
+)
+def test_bad_search_space_is_one_clear_line(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_settings(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_shorthands_fill_the_table():
+    config = parse_settings(["--lr-min", "2e-5", "--batch-sizes", "16", "64", "--num-workers", "4"])
+    lr, batch_size = config.dimensions()
+    assert (lr.distribution, lr.values, batch_size.values) == ("loguniform", (2e-5, 1e-3), (16, 64))
+    assert config.train.batch_size == 16, "a swept field's base holds a value the trials may get"
+    fixed_lr = parse_settings(["--space", "warmup_ratio=uniform:0:0.1", "--lr", "3e-5"])
+    assert fixed_lr.swept() == ("warmup_ratio",) and fixed_lr.train.lr == 3e-5
+    # the default --batch-size 32 is no multiple of 3 workers, but it is swept: no trial gets it
+    assert parse_settings(["--num-workers", "3", "--batch-sizes", "18", "36"]).train.batch_size == 18

@@ -1,11 +1,12 @@
-"""A learning-rate x batch-size sweep: Ray Tune runs the platform's Ray Train job as each trial.
+"""A sweep over training settings: Ray Tune runs the platform's Ray Train job as each trial.
 
 The pattern ray 2.60 recommends for Train V2: the Tune trial is a small driver
 function that builds the same TorchTrainer as `pipelines.train_imdb` (same worker
 loop, same data pipeline) with a `TuneReportCallback`, so ASHA sees each epoch's
-validation accuracy and stops trailing trials. MLflow gets a parent run for the
-sweep and a child run per trial; the best finished trial is registered and passes
-the same champion gate as a training run.
+validation accuracy and stops trailing trials. Each trial trains with the sweep's
+base TrainConfig and its sampled values (tune.settings). MLflow gets a parent run
+for the sweep and a child run per trial; the best finished trial is registered and
+passes the same champion gate as a training run.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import csv
 import io
 import json
 import logging
+import math
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.train import Checkpoint, FailureConfig, RunConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -36,7 +39,7 @@ from pipelines.storage import resolve
 from pipelines.streaming import DataResources
 from pipelines.tokenization import load_tokenizer
 from pipelines.training import best_model_folder
-from tune.settings import SweepConfig
+from tune.settings import Dimension, SweepConfig, coerce
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -53,7 +56,7 @@ class SweepFailed(PlatformError):
 class SweepContext:
     """What every trial needs besides its sampled values (shipped once via with_parameters)."""
 
-    sweep: dict
+    sweep: SweepConfig
     dataset_uri: str
     model_path: str
     pad_token_id: int
@@ -82,17 +85,22 @@ class SweepOutcome:
 
 # --- the search -----------------------------------------------------------------------
 
-def lr_grid(config: SweepConfig) -> list[float]:
-    if config.lr_grid_points == 1 or config.lr_min == config.lr_max:
-        return [config.lr_min]
-    ratio = (config.lr_max / config.lr_min) ** (1 / (config.lr_grid_points - 1))
-    return [config.lr_min * ratio**i for i in range(config.lr_grid_points)]
+def domain(row: Dimension, config: SweepConfig):
+    """One row of the table as Tune's search space."""
+    if config.search == "grid":
+        return tune.grid_search(row.grid(config.grid_points))
+    if row.distribution == "loguniform":
+        return tune.loguniform(row.low, row.high)
+    if row.distribution == "uniform":
+        return tune.uniform(row.low, row.high)
+    if row.distribution == "randint":
+        return tune.randint(row.low, row.high + 1)  # Tune's upper end is excluded; ours is included
+    return tune.choice(list(row.values))
 
 
 def search_space(config: SweepConfig) -> dict:
-    if config.search == "grid":
-        return {"lr": tune.grid_search(lr_grid(config)), "batch_size": tune.grid_search(list(config.batch_sizes))}
-    return {"lr": tune.loguniform(config.lr_min, config.lr_max), "batch_size": tune.choice(list(config.batch_sizes))}
+    """{TrainConfig field: Tune domain}: what each trial's `sampled` dict holds."""
+    return {row.name: domain(row, config) for row in config.dimensions()}
 
 
 def search_algorithm(config: SweepConfig, concurrency: int):
@@ -100,10 +108,12 @@ def search_algorithm(config: SweepConfig, concurrency: int):
         from ray.tune.search.optuna import OptunaSearch
 
         # metric/mode come from TuneConfig (not both); Tune wraps it in a ConcurrencyLimiter
-        return OptunaSearch(seed=config.seed)
+        return OptunaSearch(seed=config.train.seed)
     # A generator passed in ignores TuneConfig.max_concurrent_trials (ray 2.60): the limit
     # must be its own, or every trial starts at once and they starve each other of CPUs.
-    return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency)
+    # Its random_state fixes the sequence of sampled trials: two sweeps with the same seed
+    # and space try the same trials, whatever the scheduler stops.
+    return BasicVariantGenerator(random_state=config.train.seed, max_concurrent=concurrency)
 
 
 def trial_scheduler(config: SweepConfig):
@@ -113,7 +123,7 @@ def trial_scheduler(config: SweepConfig):
             # One past the last epoch: at max_t ASHA *stops* the trial, killing it before its
             # Train run shuts down, and that run's placement group can leak (RAY_NOTES). A
             # trial that reaches its last epoch should end on its own instead.
-            max_t=config.epochs + 1,
+            max_t=config.train.epochs + 1,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor,
         )
@@ -122,26 +132,27 @@ def trial_scheduler(config: SweepConfig):
 
 def trials_planned(config: SweepConfig) -> int:
     if config.search == "grid":
-        return len(lr_grid(config)) * len(config.batch_sizes) * config.num_samples
+        return math.prod(len(row.grid(config.grid_points)) for row in config.dimensions()) * config.num_samples
     return config.num_samples
 
 
 def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
     """Trials at once that fit the cluster; an explicit --max-concurrent beyond that is an error."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
-    per_trial_cpus = config.num_workers * config.cpus_per_worker + runtime.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
+    train = config.train
+    per_trial_cpus = train.num_workers * train.cpus_per_worker + runtime.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
     fits = int(cpus // per_trial_cpus)
     if use_gpu:
-        fits = min(fits, int(gpus // config.num_workers))
+        fits = min(fits, int(gpus // train.num_workers))
     if fits < 1:
         raise ConfigError(
-            f"one trial needs {per_trial_cpus:g} CPUs ({config.num_workers} worker(s) x {config.cpus_per_worker:g} "
+            f"one trial needs {per_trial_cpus:g} CPUs ({train.num_workers} worker(s) x {train.cpus_per_worker:g} "
             f"+ {runtime.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
         )
     if config.max_concurrent is not None and config.max_concurrent > fits:
         raise ConfigError(
             f"--max-concurrent {config.max_concurrent} trials need {config.max_concurrent * per_trial_cpus:g} CPUs"
-            f"{f' and {config.max_concurrent * config.num_workers} GPUs' if use_gpu else ''}; "
+            f"{f' and {config.max_concurrent * train.num_workers} GPUs' if use_gpu else ''}; "
             f"the cluster holds {fits} at once ({cpus:g} CPUs, {gpus:g} GPUs)"
         )
     return config.max_concurrent or fits
@@ -152,15 +163,18 @@ def trial_threads(config: SweepConfig, plan: runtime.ResourcePlan, concurrency: 
     if plan.use_gpu:
         return plan.threads_per_worker
     free = plan.cluster_cpus - concurrency * runtime.DATA_CPU_RESERVE
-    return max(1, int(free // (concurrency * config.num_workers)))
+    return max(1, int(free // (concurrency * config.train.num_workers)))
 
 
 def check_batch_sizes(config: SweepConfig, train_rows: int) -> None:
-    per_worker_rows = train_rows // config.num_workers
-    too_big = [b for b in config.batch_sizes if b // config.num_workers > per_worker_rows]
+    """Every batch size a trial may get fills at least one optimizer step per epoch."""
+    num_workers = config.train.num_workers
+    per_worker_rows = train_rows // num_workers
+    too_big = [b for b in config.possible_values("batch_size") if b // num_workers > per_worker_rows]
     if too_big:
+        where = next((row.where for row in config.dimensions() if row.name == "batch_size"), "--batch-size")
         raise ConfigError(
-            f"--batch-sizes {too_big} exceed the {train_rows} training rows "
+            f"{where}: batch sizes {too_big} exceed the {train_rows} training rows "
             f"({per_worker_rows} per worker): not one full batch per epoch"
         )
 
@@ -184,26 +198,31 @@ def _child_run(client: MlflowClient, context: SweepContext, trial_id: str) -> st
 
 
 def run_trial(sampled: dict, context: SweepContext) -> None:
-    """Tune trainable: one fine-tuning run with the sampled lr and batch size."""
-    sweep = SweepConfig(**{**context.sweep, "batch_sizes": tuple(context.sweep["batch_sizes"])})
+    """Tune trainable: one fine-tuning run with the sweep's base settings and the sampled values."""
+    sweep = context.sweep
     trial_id = tune.get_context().get_trial_id()
-    config = sweep.trial_config(float(sampled["lr"]), int(sampled["batch_size"]), f"train-{trial_id}", context.dataset_uri)
+    # TrainConfig's checks run here on the sampled combination
+    config = sweep.trial_config(sampled, f"train-{trial_id}", context.dataset_uri)
     client = MlflowClient(context.tracking_uri)
     run_id = _child_run(client, context, trial_id)
-    for key, value in {"lr": config.lr, "batch_size": config.batch_size, "epochs": config.epochs,
-                       "max_length": config.max_length, "max_steps_per_epoch": config.max_steps_per_epoch}.items():
-        try:
-            client.log_param(run_id, key, str(value))
-        except Exception:  # already logged before a resume
-            pass
+    # the whole TrainConfig, as a train_imdb run logs it: trials and runs compare key by key
+    params = tracking.flat_params({**asdict(config), "model_path": context.model_path})
+    try:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag("swept", ",".join(sorted(sampled)))])
+    except Exception:  # noqa: BLE001 - logged before a resume (params are write-once)
+        pass
     manifest = load_manifest(context.dataset_uri)
     cache = streaming.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
     datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache)
     loop_config = fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
     run_config = RunConfig(
         name=config.run_name,
-        storage_path=resolve(sweep.storage).child("tune_results", context.sweep_name, "train").uri,
+        storage_path=resolve(config.storage).child("tune_results", context.sweep_name, "train").uri,
         failure_config=FailureConfig(max_failures=0),
+        # as for a training run: the latest resumes a sweep's unfinished trial, one more
+        # survives a bad write; without a limit every epoch of every trial stays on disk
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
         # MLflow first: once Tune has the result it may stop (kill) this trial at once
         callbacks=[tracking.MlflowEpochLogger(context.tracking_uri, run_id), TuneReportCallback()],
     )
@@ -214,12 +233,12 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
 # --- the sweep (driver) ---------------------------------------------------------------
 
 def _parent_marker(config: SweepConfig, sweep_name: str):
-    return resolve(config.storage).child("tune_results", sweep_name, PARENT_RUN_FILE)
+    return resolve(config.train.storage).child("tune_results", sweep_name, PARENT_RUN_FILE)
 
 
 def _start_parent_run(config: SweepConfig, sweep_name: str, experiment_id: str) -> str:
     if not config.resume:
-        resolve(config.storage).child("tune_results", sweep_name).makedirs()
+        resolve(config.train.storage).child("tune_results", sweep_name).makedirs()
     return tracking.start_or_resume_run(
         _parent_marker(config, sweep_name), resume=config.resume, experiment_id=experiment_id,
         run_name=sweep_name, kind="sweep", name_flag="--sweep-name",
@@ -232,7 +251,7 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
         # the trial function only drives: its Train workers hold the CPUs/GPUs
         {"cpu": TRIAL_DRIVER_CPUS},
     )
-    sweep_path = resolve(config.storage).child("tune_results", sweep_name)
+    sweep_path = resolve(config.train.storage).child("tune_results", sweep_name)
     searcher = search_algorithm(config, concurrency)
     if config.resume and tune.Tuner.can_restore(sweep_path.uri):
         return tune.Tuner.restore(sweep_path.uri, trainable, resume_unfinished=True, resume_errored=True)
@@ -248,12 +267,13 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
             # a generator carries its own limit; a Searcher (optuna) gets Tune's ConcurrencyLimiter
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else concurrency,
         ),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=resolve(config.storage).child("tune_results").uri),
+        run_config=tune.RunConfig(name=sweep_name, storage_path=resolve(config.train.storage).child("tune_results").uri),
     )
 
 
 def summarize(result_grid, config: SweepConfig) -> list[dict]:
-    """One row per trial: its values, how far it got, its metrics, and why it ended."""
+    """One row per trial: its sampled values, how far it got, its metrics, and why it ended."""
+    swept = config.swept()
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
@@ -267,8 +287,7 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
-                "lr": result.config.get("lr"),
-                "batch_size": result.config.get("batch_size"),
+                **{name: coerce(name, result.config.get(name)) for name in swept},
                 "epochs_run": epochs_run,
                 "val_accuracy": metrics.get("val/accuracy"),
                 "val_loss": metrics.get("val/loss"),
@@ -276,7 +295,7 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
                 "score": metrics.get(config.metric),
                 "status": status,
                 # a URI: on an object store Ray gives the path without its scheme
-                "checkpoint_path": resolve(config.storage).uri_of(metrics[CHECKPOINT_PATH_KEY]) if metrics.get(CHECKPOINT_PATH_KEY) else None,
+                "checkpoint_path": resolve(config.train.storage).uri_of(metrics[CHECKPOINT_PATH_KEY]) if metrics.get(CHECKPOINT_PATH_KEY) else None,
             }
         )
     sign = -1 if config.mode == "max" else 1
@@ -291,25 +310,41 @@ def results_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def plot_accuracy_vs_lr(rows: list[dict], path: Path) -> None:
+def plot_axis(config: SweepConfig) -> str:
+    """The swept field on the plot's x axis: lr when swept, else the first row."""
+    swept = config.swept()
+    return "lr" if "lr" in swept else swept[0]
+
+
+def plot_accuracy(rows: list[dict], config: SweepConfig, path: Path) -> None:
+    """Validation accuracy against one swept field, a line per batch size when that is swept too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x = plot_axis(config)
+    by = "batch_size" if "batch_size" in config.swept() and x != "batch_size" else None
+    # text, flags and 'none' go on a categorical axis, as strings
+    categorical = any(isinstance(row[x], (str, bool)) or row[x] is None for row in rows)
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    for batch_size in sorted({row["batch_size"] for row in rows}):
-        points = sorted((row["lr"], row["val_accuracy"], row["status"]) for row in rows if row["batch_size"] == batch_size and row["val_accuracy"] is not None)
+    for group in sorted({row[by] for row in rows} if by else {None}):
+        points = sorted(
+            (str(row[x]) if categorical else row[x], row["val_accuracy"], row["status"]) for row in rows
+            if (by is None or row[by] == group) and row["val_accuracy"] is not None
+        )
         if not points:
             continue
-        line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"batch {batch_size}")[0]
+        line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"batch {group}" if by else None)[0]
         stopped = [p for p in points if p[2] != "completed"]
         axes.scatter([p[0] for p in stopped], [p[1] for p in stopped], marker="x", s=80, color=line.get_color())
-    axes.set_xscale("log")
-    axes.set_xlabel("learning rate")
+    if not categorical and next(row for row in config.dimensions() if row.name == x).distribution == "loguniform":
+        axes.set_xscale("log")
+    axes.set_xlabel(x)
     axes.set_ylabel("validation accuracy (last epoch run)")
-    axes.set_title("sweep: validation accuracy vs learning rate (x = stopped early)")
-    axes.legend()
+    axes.set_title(f"sweep: validation accuracy vs {x} (x = stopped early)")
+    if by:
+        axes.legend()
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
@@ -333,27 +368,42 @@ def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifes
         [context.experiment_id],
         filter_string=f"tags.{TRIAL_TAG} = '{best['trial_id']}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
     )
-    train_config = config.trial_config(best["lr"], best["batch_size"], f"train-{best['trial_id']}", context.dataset_uri)
+    register_as = config.train.register_as
     with mlflow.start_run(run_id=child_runs[0].info.run_id, nested=True):
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-            model_info = tracking.log_model(str(best_model_folder(folder)), context.model_path, train_config.register_as)
+            model_info = tracking.log_model(str(best_model_folder(folder)), context.model_path, register_as)
     version = str(model_info.registered_model_version)
-    decision = registry.apply_gate(client, config.register_as, version, config.promote, float(best["test_accuracy"]), manifest.content_hash)
+    decision = registry.apply_gate(client, register_as, version, config.train.promote, float(best["test_accuracy"]), manifest.content_hash)
     return version, decision
 
 
-def run_sweep(config: SweepConfig) -> SweepOutcome:
-    manifest = fine_tune.resolve_dataset(config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data))
-    check_batch_sizes(config, manifest.splits["train"].rows)
-    model_path = resolve_model_path(config.model)
-    tokenizer = load_tokenizer(model_path)
-    tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
-    experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
+def _best_values(best: dict, config: SweepConfig) -> tuple[dict, dict]:
+    """The best trial's sampled values: numbers as metrics best/<field>, the rest as tags."""
+    metrics, tags = {}, {}
+    for name in config.swept():
+        value = best[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[f"best/{name}"] = value
+        else:
+            tags[f"best/{name}"] = str(value)
+    return metrics, tags
 
-    runtime.init_ray(config.ray_address)
-    probe = config.trial_config(config.lr_max, config.batch_sizes[0], "probe", config.data)
+
+def run_sweep(config: SweepConfig) -> SweepOutcome:
+    train = config.train
+    resolve(train.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
+    manifest = fine_tune.resolve_dataset(train)
+    check_batch_sizes(config, manifest.splits["train"].rows)
+    model_path = resolve_model_path(train.model)
+    tokenizer = load_tokenizer(model_path)
+    tracking_uri, artifact_root = tracking.configure(train.storage, train.tracking_uri)
+    experiment_id = tracking.ensure_experiment(train.experiment, artifact_root)
+
+    runtime.init_ray(train.ray_address)
+    # the settings that size a trial (workers, CPUs, GPUs) are the same in every trial
+    probe = config.trial_config({}, "probe", manifest.root.uri)
     # the autoscaler request covers the whole sweep and is withdrawn when it ends
     with runtime.requested_resources(probe):
         # trials tokenize in their own Ray Data pipelines, concurrently: plan as streaming
@@ -368,15 +418,15 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
         try:
             if not config.resume:
                 mlflow.log_params(tracking.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
+                grid_points = config.grid_points if config.search == "grid" else None
                 mlflow.log_dict(
-                    {"lr": {"min": config.lr_min, "max": config.lr_max, "distribution": "grid" if config.search == "grid" else "log-uniform",
-                            **({"grid": lr_grid(config)} if config.search == "grid" else {})},
-                     "batch_size": list(config.batch_sizes), "search": config.search, "scheduler": config.scheduler},
+                    {"space": {row.name: row.as_dict(grid_points) for row in config.dimensions()},
+                     "search": config.search, "scheduler": config.scheduler, "seed": train.seed},
                     "search_space.json",
                 )
             mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
             context = SweepContext(
-                sweep=config.as_dict(), dataset_uri=manifest.root.uri, model_path=model_path,
+                sweep=config, dataset_uri=manifest.root.uri, model_path=model_path,
                 pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
                 experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
                 data_resources=data_resources.as_dict(), alive_nodes=runtime.alive_node_count(),
@@ -387,17 +437,18 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
             rows = summarize(result_grid, config)
             client = MlflowClient(tracking_uri)
             _close_child_runs(client, experiment_id, parent_run_id, rows)
-            _log_sweep_artifacts(rows)
+            _log_sweep_artifacts(rows, config)
             finished = [row for row in rows if row["status"] == "completed" and row["test_accuracy"] is not None]
             if not finished:
                 raise SweepFailed(f"no trial of sweep {sweep_name} finished; see the trials table in MLflow run {parent_run_id}")
             best = finished[0]  # rows are sorted best first by --metric
-            mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "best/test_accuracy": best["test_accuracy"], "best/lr": best["lr"],
-                                "best/batch_size": best["batch_size"], "trial_epochs_used": sum(r["epochs_run"] for r in rows),
+            best_metrics, best_tags = _best_values(best, config)
+            mlflow.log_metrics({"best/val_accuracy": best["val_accuracy"], "best/test_accuracy": best["test_accuracy"], **best_metrics,
+                                "trial_epochs_used": sum(r["epochs_run"] for r in rows),
                                 "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
-            mlflow.set_tag("best_trial", best["trial_id"])
+            mlflow.set_tags({"best_trial": best["trial_id"], **best_tags})
             version, decision = _register_best(config, context, manifest, best, client)
-            mlflow.set_tags({"registered_model": config.register_as, "registered_version": version})
+            mlflow.set_tags({"registered_model": train.register_as, "registered_version": version})
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
@@ -407,25 +458,35 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
         return outcome
 
 
-def _log_sweep_artifacts(rows: list[dict]) -> None:
+def _log_sweep_artifacts(rows: list[dict], config: SweepConfig) -> None:
     mlflow.log_text(results_csv(rows), "trials.csv")
     with tempfile.TemporaryDirectory() as tmp:
-        plot = Path(tmp) / "val_accuracy_vs_lr.png"
-        plot_accuracy_vs_lr(rows, plot)
+        plot = Path(tmp) / f"val_accuracy_vs_{plot_axis(config)}.png"
+        plot_accuracy(rows, config, plot)
         mlflow.log_artifact(str(plot))
 
 
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
 def print_summary(outcome: SweepOutcome, config: SweepConfig) -> None:
+    swept = config.swept()
+    widths = {name: max([len(name), *(len(_shown(row[name])) for row in outcome.trials)]) + 2 for name in swept}
     lines = ["", f"=== sweep {outcome.sweep_name} finished: {len(outcome.trials)} trials ==="]
-    lines.append(f"{'trial':<18}{'lr':>10}{'batch':>7}{'epochs':>8}{'val acc':>9}  status")
+    lines.append(f"{'trial':<18}" + "".join(f"{name:>{widths[name]}}" for name in swept) + f"{'epochs':>8}{'val acc':>9}  status")
     for row in outcome.trials:
         acc = f"{row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "-"
-        lines.append(f"{row['trial_id']:<18}{row['lr']:>10.2e}{row['batch_size']:>7}{row['epochs_run']:>8}{acc:>9}  {row['status']}")
+        values = "".join(f"{_shown(row[name]):>{widths[name]}}" for name in swept)
+        lines.append(f"{row['trial_id']:<18}{values}{row['epochs_run']:>8}{acc:>9}  {row['status']}")
     best = outcome.best
-    lines.append(f"best: {best['trial_id']} lr={best['lr']:.2e} batch={best['batch_size']} val acc {best['val_accuracy']:.4f} test acc {best['test_accuracy']:.4f}")
+    chosen = " ".join(f"{name}={_shown(best[name])}" for name in swept)
+    lines.append(f"best: {best['trial_id']} {chosen} val acc {best['val_accuracy']:.4f} test acc {best['test_accuracy']:.4f}")
     if outcome.registered_version:
         verdict = "promoted to @champion" if outcome.gate and outcome.gate.promote else "not promoted; @champion unchanged"
-        lines.append(f"registered: models:/{config.register_as}/{outcome.registered_version} ({verdict}: {outcome.gate.reason if outcome.gate else ''})")
-    lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.experiment!r}); UI: {tracking.ui_command(outcome.tracking_uri)}")
+        lines.append(f"registered: models:/{config.train.register_as}/{outcome.registered_version} ({verdict}: {outcome.gate.reason if outcome.gate else ''})")
+    lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.train.experiment!r}); UI: {tracking.ui_command(outcome.tracking_uri)}")
     print("\n".join(lines), flush=True)
     log.debug("trials: %s", json.dumps(outcome.trials, default=str))
