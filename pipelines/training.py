@@ -385,6 +385,8 @@ def _restore(config: dict, rank: int):
         best = BestEpoch(**state.get("best", {"epoch": state["epoch"]}))
         if best.epoch != state["epoch"] and (Path(folder) / BEST_MODEL_DIR).is_dir():
             best.weights = load_classifier(Path(folder) / BEST_MODEL_DIR).state_dict()
+        elif best.epoch == state["epoch"]:  # the checkpoint's own model is the best: keep it as later epochs train on
+            best.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if rank == 0:
         print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
     return model, state, best

@@ -62,7 +62,12 @@ def test_training_spreads_two_workers_over_two_nodes_and_registers(tmp_path):
 
     assert result["epochs_trained"] == "1"
     assert result["test_rows"] == result["expected_test_rows"], "every test row evaluated once across the two workers"
+    train = result["train_metrics"]
+    per_rank = [train[f"train/rank{rank}/samples_per_s"] for rank in (0, 1)]
+    assert train["train/samples_per_s"] == pytest.approx(sum(per_rank)), "samples/s is the sum over the workers"
+    assert train["train/data_wait_fraction_max"] == max(train[f"train/rank{rank}/data_wait_fraction"] for rank in (0, 1))
     client, version = registered_version(result)
+    assert client.get_metric_history(result["run_id"], "train/rank1/loss"), "the second worker's figures are not in MLflow"
     assert version.run_id == result["run_id"]
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     print("timings:", result["timings"])

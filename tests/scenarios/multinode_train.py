@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id=outcome.run_id,
             epochs_trained=outcome.metrics.get("epochs_trained"),
             test_rows=outcome.metrics.get("test/rows"),
+            train_metrics={k: v for k, v in outcome.metrics.items() if k.startswith("train/")},
             expected_test_rows=manifest.splits["test"].rows,
             train_workers=[{**p, "role": roles.get(p["node_id"], "?")} for p in placements],
         )
