@@ -42,7 +42,7 @@ def registry(tmp_path_factory, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipelines import tracking
-    from pipelines.fine_tune import model_requirements
+    from pipelines.tracking import model_requirements
 
     storage = tmp_path_factory.mktemp("serve-storage")
     tracking_uri, artifact_root = tracking.configure(str(storage))

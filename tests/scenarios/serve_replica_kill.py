@@ -50,7 +50,7 @@ def register_tiny_model(storage: Path, model_dir: str) -> str:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipelines import tracking
-    from pipelines.fine_tune import model_requirements
+    from pipelines.tracking import model_requirements
 
     tracking_uri, artifact_root = tracking.configure(str(storage))
     experiment_id = tracking.ensure_experiment("serve-replica-kill", artifact_root)
