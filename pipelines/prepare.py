@@ -57,7 +57,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     cleaned, report = cleaning.clean_corpus(corpus)
     log.info("cleaning report:\n%s", report.summary())
     splits, notes = build_splits(cleaned, config)
-    warnings = validation.check_splits(splits) + notes
+    warnings = validation.check_splits(splits, where=source_info.location) + notes
     digest = datasets.content_hash(splits)
     settings = config.layout_settings()
     version = config.version or version_id(digest, settings)

@@ -4,6 +4,10 @@ Examples:
     python -m pipelines.prepare_imdb                       # download the official tarball
     python -m pipelines.prepare_imdb --source sample       # offline: synthetic corpus
     python -m pipelines.prepare_imdb --source ~/aclImdb_v1.tar.gz --storage s3://bucket/platform
+
+Bad input stops with one line, `error: WHERE: PROBLEM`, and exit status 2; nothing is written.
+WHERE is the file (an archive member as ARCHIVE:MEMBER, a Parquet row as FILE#row=N, N
+counted from 0 as in pandas and pyarrow).
 """
 
 from __future__ import annotations
