@@ -15,10 +15,12 @@ import sys
 import typing
 from typing import Any, Callable, TypeVar
 
-from pipelines.errors import PlatformError
+from pipelines import console
+from pipelines.errors import ConfigError, DataError, PlatformError
 
 T = TypeVar("T")
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2  # bad flags, bad data: the user can fix it
+EXIT_FAILURE = 1  # the platform (or the cluster) failed
 
 
 def field(default: Any, help: str, choices: typing.Sequence[Any] | None = None, exclude: typing.Iterable[str] = (), **kwargs: Any) -> Any:
@@ -44,6 +46,7 @@ def build_parser(prog: str, doc: str, *settings_classes: type) -> argparse.Argum
     )
     for settings_cls in settings_classes:
         add_arguments(parser, settings_cls)
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output on the console too (it always goes to the log file)")
     return parser
 
 
@@ -129,14 +132,34 @@ def _is_tuple_field(settings_cls: type, name: str) -> bool:
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run an entry point: user errors print one line on stderr and exit 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run an entry point: an error prints what failed, in which stage, and where the log is.
+
+    Exit 2 for what the user can fix (flags, data: ConfigError, DataError), 1 for a
+    failure of the platform or the cluster (any other error; its traceback is in the log).
+    """
+    logging.basicConfig(level=logging.INFO, format=console.LOG_FORMAT)
     try:
         code = main(argv)
-    except PlatformError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError) as exc:
+        _report(f"error: {exc}")
         sys.exit(EXIT_USER_ERROR)
+    except PlatformError as exc:
+        _report(f"error: {exc}")
+        sys.exit(EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted")
         sys.exit(130)
+    except Exception as exc:  # a bug or a cluster failure: one line here, the traceback in the log
+        first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+        if console.log_path() is None:
+            raise
+        _report(f"error: {type(exc).__name__}: {first_line}")
+        sys.exit(EXIT_FAILURE)
     sys.exit(code or 0)
+
+
+def _report(line: str) -> None:
+    """The error line, then (when the job ran in a console session) its stage and the full log."""
+    print(line, file=sys.stderr)
+    if console.log_path() is not None:
+        print(f"failed in stage: {console.current_stage()}; full log: {console.log_path()}", file=sys.stderr)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -24,7 +22,7 @@ from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import registry, run_settings, runtime, streaming, tracking
+from pipelines import console, live_progress, registry, run_settings, runtime, streaming, tracking
 from pipelines.config import PrepareConfig, TrainConfig
 from pipelines.datasets import Manifest, load_manifest
 from pipelines.errors import DataError, PlatformError
@@ -82,7 +80,10 @@ def resolve_dataset(config: TrainConfig) -> Manifest:
 def build_loop_config(config: TrainConfig, manifest: Manifest, model_path: str, pad_token_id: int, num_threads: int) -> dict:
     """The dict every worker gets: TrainConfig's keys plus what the driver resolved."""
     loop_config = asdict(config)
-    loop_config.update(model_path=model_path, pad_token_id=pad_token_id, train_rows=manifest.splits["train"].rows, num_threads=num_threads)
+    loop_config.update(
+        model_path=model_path, pad_token_id=pad_token_id, num_threads=num_threads,
+        **{f"{split}_rows": manifest.splits[split].rows for split in ("train", "val", "test")},
+    )
     return loop_config
 
 
@@ -153,10 +154,14 @@ def _explain_failure(exc: Exception, config: TrainConfig) -> TrainingFailed:
 
 def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> TrainingOutcome:
     """Train, record and register; `loop_overrides` adds keys to the worker config (test hooks)."""
+    console.enter("data")
     resolve(config.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     manifest = resolve_dataset(config)
+    console.stage("data", describe_splits(manifest))
+    console.enter("model")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)  # fails here, before Ray, if the model is wrong
+    console.stage("model", f"{model_name(config.model, model_path)}: max length {config.max_length} tokens, {config.truncation.replace('_', '+')} truncation")
     run_name = config.run_name or new_run_name()
     settings = run_settings.settings_of(config, f"{manifest.name}/{manifest.version}", manifest.content_hash)
     if config.resume:
@@ -164,40 +169,52 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
     tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
     experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
 
+    console.enter("resources")
     runtime.init_ray(config.ray_address)
     with runtime.requested_resources(config):
         cache = streaming.should_cache_tokenized(config, manifest, runtime.alive_node_count(), runtime.object_store_bytes())
         plan = runtime.plan_resources(config, tokenized_up_front=cache)
-        print(f"[plan] {plan.describe(config.num_workers)}", flush=True)
-        # Ray Data's per-operator bars would drown the training's own progress lines
+        console.stage("resources", plan.describe(config.num_workers))
+        # Ray Data's per-operator bars would drown the job's own bars (pipelines.console)
         DataContext.get_current().enable_progress_bars = False
-        datasets = streaming.training_datasets(manifest, model_path, config, plan.data, cache)
         loop_config = {**build_loop_config(config, manifest, model_path, tokenizer.pad_token_id, plan.threads_per_worker), **(loop_overrides or {})}
         _run_dir(config, run_name).makedirs()
-        outcome = _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, datasets, loop_config)
+        outcome = _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, cache, loop_config)
     _print_summary(outcome, config)
     return outcome
+
+
+def describe_splits(manifest: Manifest) -> str:
+    rows = " / ".join(f"{info.rows} {split}" for split, info in manifest.splits.items())
+    return f"{manifest.name}/{manifest.version}: {rows} reviews ({manifest.uri})"
+
+
+def model_name(model_flag: str | None, model_path: str) -> str:
+    return model_flag or f"all-MiniLM-L6-v2 (bundled, {model_path})"
 
 
 def _run_dir(config: TrainConfig, run_name: str) -> Location:
     return resolve(config.storage).child("ray_results", run_name)
 
 
-def _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, datasets, loop_config) -> TrainingOutcome:
-    log_dir = Path(tempfile.mkdtemp(prefix="train-log-"))
-    with tracking.console_log(log_dir / "console.log") as log_path:
+def _train_in_mlflow_run(config, manifest, model_path, run_name, settings, tracking_uri, experiment_id, plan, cache, loop_config) -> TrainingOutcome:
+    """Tokenize, train, record, register: in one MLflow run, which keeps the log even when a stage fails."""
+    with tracking.console_log() as log_path:
         run_id = _start_mlflow_run(config, run_name, experiment_id)  # refuses a taken name without --resume
         run_settings.save(_run_dir(config, run_name), settings)  # what a later --resume is checked against
         try:
             _record_settings(config, manifest, model_path, run_name, plan)
-            result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config)
+            console.enter("tokenize")
+            datasets = streaming.training_datasets(manifest, model_path, config, plan.data, cache)
+            console.stage("training", f"MLflow run {run_id} ({run_name})")
+            with live_progress.board(run_name) as board_name:
+                result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, {**loop_config, "progress_board": board_name}, board_name)
             outcome = _record_and_register(config, manifest, model_path, run_name, run_id, tracking_uri, result)
         except BaseException:
+            tracking.upload_console_log(run_id, log_path)  # a failed run keeps its log too
             mlflow.end_run(status="FAILED")
             raise
-        finally:
-            if mlflow.active_run():
-                mlflow.log_artifact(str(log_path))
+        tracking.upload_console_log(run_id, log_path)
         mlflow.end_run()
     return outcome
 
@@ -211,6 +228,7 @@ def _record_settings(config: TrainConfig, manifest: Manifest, model_path: str, r
             "threads_per_worker_resolved": plan.threads_per_worker, "tokenized_up_front": plan.tokenized_up_front,
             "data_resources": plan.data.as_dict(),
         }))
+        tracking.log_dataset_inputs(manifest)
     mlflow.set_tags(
         {
             **tracking.environment_tags(),
@@ -222,8 +240,8 @@ def _record_settings(config: TrainConfig, manifest: Manifest, model_path: str, r
     )
 
 
-def _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config):
-    callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id)]
+def _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config, board_name=None):
+    callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id, board_name, config.epochs)]
     trainer = build_trainer(loop_config, datasets, config, plan.use_gpu, ray_run_config(config, run_name, callbacks))
     try:
         result = trainer.fit()
@@ -238,18 +256,23 @@ def _record_and_register(config, manifest, model_path, run_name, run_id, trackin
     """Test results into the run; the best epoch's model logged, registered and gated."""
     final = dict(result.metrics)
     tracking.log_test_results(final, manifest.to_json(), step=int(final.get("epoch", config.epochs)))
+    final.update(tracking.log_run_report(run_id, final, manifest, model_name(config.model, model_path).split(" (")[0]))
     best_epoch = int(final.get("best_epoch", final.get("epoch", config.epochs)))
     mlflow.set_tags({"best_epoch": str(best_epoch), "stopped_early": str(bool(final.get("stopped_early")))})
     with result.checkpoint.as_directory() as checkpoint_dir:
         model_info = tracking.log_model(str(best_model_folder(checkpoint_dir)), model_path, config.register_as)
     version = str(model_info.registered_model_version) if model_info.registered_model_version else None
+    console.enter("registration")
     decision = None
     if version:
         decision = registry.apply_gate(
             MlflowClient(), config.register_as, version, config.promote, float(final["test/accuracy"]), manifest.content_hash
         )
         MlflowClient().set_model_version_tag(config.register_as, version, "best_epoch", str(best_epoch))
+        tracking.write_model_card(config.register_as, version, run_id, final, manifest, model_name(config.model, model_path).split(" (")[0], decision, asdict(config))
         mlflow.set_tags({"registered_model": config.register_as, "registered_version": version, "gate.decision": "promoted" if decision.promote else "kept_champion"})
+        verdict = f"promoted to @{registry.CHAMPION}" if decision.promote else f"@{registry.CHAMPION} unchanged"
+        console.stage("registration", f"models:/{config.register_as}/{version}: {verdict} ({decision.reason})")
     return TrainingOutcome(
         run_id=run_id,
         run_name=run_name,
@@ -284,5 +307,6 @@ def _print_summary(outcome: TrainingOutcome, config: TrainConfig) -> None:
         lines.append(f"registered: models:/{config.register_as}/{outcome.registered_version} ({verdict}: {gate.reason if gate else ''})")
         lines.append(f"serve it: models:/{config.register_as}@{registry.CHAMPION}")
     lines += [f"checkpoint: {outcome.checkpoint_path}", f"MLflow UI: {tracking.ui_command(outcome.tracking_uri)}"]
-    print("\n".join(lines), flush=True)
+    for line in lines:
+        console.say(line)
     log.debug("final metrics: %s", json.dumps(m, default=str))

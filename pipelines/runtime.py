@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 # Passed to every Ray worker: Rust tokenizers would otherwise start a thread pool
 # per actor and oversubscribe the CPUs that Ray already divides between actors.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# Ray Train's print patch logs every print of a worker and prints it as well: each line
+# reached the driver twice.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Passed through when set on the driver, so offline runs stay offline on workers.
 PASSTHROUGH_ENV = (
     "HF_HUB_OFFLINE",

@@ -22,6 +22,7 @@ from ray.train import DataConfig
 
 from pipelines.config import TrainConfig
 from pipelines.datasets import Manifest
+from pipelines.errors import DataError
 from pipelines.tokenization import TokenizeBatch, TokenizerSettings
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,30 @@ def tokenized_splits(
     """
     datasets = {}
     for split in splits:
-        dataset = tokenize(read_split(manifest, split, resources), tokenizer, resources)
-        if cache:
-            dataset.context.execution_options.preserve_order = True
-            dataset = dataset.materialize()
+        try:
+            dataset = tokenize(read_split(manifest, split, resources), tokenizer, resources)
+            if cache:
+                dataset.context.execution_options.preserve_order = True
+                dataset = materialize_with_progress(dataset, manifest.splits[split].rows, f"tokenize {split}")
+        except Exception as exc:
+            raise unreadable(exc, manifest, split) or exc
         datasets[split] = dataset
     return datasets
+
+
+def unreadable(exc: BaseException, manifest: Manifest, split: str) -> DataError | None:
+    """A shard that cannot be read (damaged, not Parquet) as one line naming the split; None for other failures.
+
+    Ray re-raises a task's error as a RayTaskError that is also an instance of the
+    cause's class, so an OSError or ArrowException from a read task matches here.
+    """
+    import pyarrow as pa
+
+    if not isinstance(exc, (OSError, pa.ArrowException)):
+        return None
+    cause = getattr(exc, "cause", None) or exc
+    reason = " ".join(str(cause).split())[:300]
+    return DataError(f"the {split} split cannot be read ({type(cause).__name__}: {reason}); prepare the dataset again", manifest.uri)
 
 
 def should_cache_tokenized(config: TrainConfig, manifest: Manifest, alive_nodes: int, object_store_bytes: float) -> bool:
@@ -141,6 +160,32 @@ def should_cache_tokenized(config: TrainConfig, manifest: Manifest, alive_nodes:
     rows = sum(info.rows for info in manifest.splits.values())
     needed = rows * config.max_length * CACHE_BYTES_PER_TOKEN  # an upper bound: most reviews are shorter
     return needed < CACHE_STORE_FRACTION * object_store_bytes
+
+
+def materialize_with_progress(dataset: ray.data.Dataset, rows: int, desc: str) -> ray.data.Dataset:
+    """`dataset.materialize()`, with a progress bar of rows on the console.
+
+    Ray Data's own bars draw one line per operator and redraw into log files; this is
+    the same steps as `Dataset.materialize` in Ray 2.60 (its internal classes), with the
+    rows counted as the blocks come out.
+    """
+    from ray.data._internal.execution.interfaces import RefBundle
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.input_data_operator import InputData
+    from ray.data.dataset import Dataset, MaterializedDataset
+
+    from pipelines import console
+
+    copy = Dataset.copy(dataset, _deep_copy=True, _as=MaterializedDataset)
+    bundles = []
+    with console.progress(rows, desc, unit="reviews") as progress:
+        for bundle in copy.iter_internal_ref_bundles():
+            # one bundle per block that does not own it: consumers must not free cached blocks
+            bundles += [RefBundle(blocks=(block,), schema=bundle.schema, owns_blocks=False) for block in bundle.blocks]
+            progress.update(bundle.num_rows() or 0)
+    output = MaterializedDataset(LogicalPlan(InputData(input_data=bundles), dataset.context), copy.context, copy._raw_stats())
+    output._execute()
+    return output
 
 
 def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources, cache: bool) -> dict:

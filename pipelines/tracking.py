@@ -9,12 +9,14 @@ the head node) talk to MLflow; workers never do.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,15 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
+from pipelines import console
 from pipelines.errors import ConfigError
 from pipelines.storage import DEFAULT_STORAGE, is_remote, resolve
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlflow"
+STEP_LOSS = "train/step_loss"
+# what the training-curves picture draws
+CURVE_KEYS = ("train/loss", "val/loss", STEP_LOSS, "val/accuracy", "val/f1")
 INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
 
 
@@ -50,10 +56,9 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
             # an object store cannot hold a SQLite file: the store goes to this machine's
             # cache (never the current directory), and the user is told so
             uri, artifact_root = local_store(DEFAULT_STORAGE)
-            print(
-                f"MLflow: no --tracking-uri or $MLFLOW_TRACKING_URI, so runs and models go to {uri} on this "
-                "machine only; on a cluster, set MLFLOW_TRACKING_URI to the MLflow server",
-                flush=True,
+            console.warn(
+                f"no --tracking-uri or $MLFLOW_TRACKING_URI, so MLflow runs and models go to {uri} on this "
+                "machine only; on a cluster, set MLFLOW_TRACKING_URI to the MLflow server"
             )
         else:
             uri, artifact_root = local_store(storage)
@@ -196,9 +201,12 @@ class MlflowEpochLogger(UserCallback):
     keeps what it learned.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, board_name: str | None = None, epochs: int | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.board_name = board_name
+        self.epochs = epochs
+        self._poster = None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if not metrics:
@@ -210,12 +218,116 @@ class MlflowEpochLogger(UserCallback):
             client = MlflowClient(self.tracking_uri)
             for key, value in values.items():
                 client.log_metric(self.run_id, key, value, step=step)
+            log_step_curve(client, self.run_id, rank_zero.get("train/step_loss_curve") or [])
         except Exception as exc:  # a tracking outage must not kill training: the checkpoint holds the truth
             log.warning("could not log epoch %s metrics to MLflow at %s: %s", step, self.tracking_uri, exc)
-        summary = " ".join(
-            f"{k}={rank_zero[k]:.4f}" for k in ("train/loss", "val/loss", "val/accuracy", "val/f1", "train/data_wait_fraction") if k in rank_zero
+        summary = ", ".join(
+            f"{k} {rank_zero[k]:.4f}" for k in ("train/loss", "val/loss", "val/accuracy", "val/f1") if k in rank_zero
         )
-        print(f"[epoch {step}] {summary} samples/s={rank_zero.get('train/samples_per_s', 0):.1f}", flush=True)
+        line = (
+            f"[training] epoch {step}{f'/{self.epochs}' if self.epochs else ''}: {summary}, "
+            f"{rank_zero.get('train/samples_per_s', 0):.1f} samples/s, data-wait {rank_zero.get('train/data_wait_fraction', 0):.0%}"
+        )
+        print(line, flush=True)  # the log file
+        self._board().note(line)  # the console
+
+    def _board(self):
+        if self._poster is None:
+            from pipelines.live_progress import Poster
+
+            self._poster = Poster(self.board_name)
+        return self._poster
+
+
+def log_step_curve(client: MlflowClient, run_id: str, curve: list) -> None:
+    """The per-step train loss of an epoch as `train/step_loss` at global optimizer steps."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(STEP_LOSS, float(loss), now, int(step)) for step, loss in curve]
+    for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
+# --- what a run shows in the UI: its data, pictures, description -------------------------
+
+def log_dataset_inputs(manifest) -> None:
+    """Each split as an MLflow dataset input (Datasets in the UI; lineage from the model version)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    schema = Schema([ColSpec("string", "text"), ColSpec("long", "label")])
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        if split not in manifest.splits:
+            continue
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(manifest.root.child(split).uri if manifest.root else manifest.uri)
+        digest = hashlib.sha256(f"{manifest.content_hash}:{split}".encode()).hexdigest()[:10]
+        dataset = MetaDataset(source=source, name=f"{manifest.name}/{manifest.version}:{split}", digest=digest, schema=schema)
+        mlflow.log_input(dataset, context=context, tags={"rows": str(manifest.splits[split].rows)})
+
+
+def log_run_report(run_id: str, final: dict, manifest, model: str, kind: str = "training run", history_run_id: str | None = None) -> dict:
+    """PNG pictures (confusion matrix, curves, ROC/PR) and the run's description; returns ROC/PR metrics.
+
+    `final`: the last report of the run's training (test/* keys, epoch, best_epoch);
+    `history_run_id`: the run whose per-epoch metrics the curves draw (a sweep's best trial).
+    """
+    import tempfile
+
+    from pipelines import reporting
+
+    client = MlflowClient()
+    extra: dict = {}
+    step = int(final.get("epoch", 1))
+    with tempfile.TemporaryDirectory(prefix="run-report-") as folder:
+        pictures = [reporting.confusion_matrix_png(
+            [[final.get("test/tn"), final.get("test/fp")], [final.get("test/fn"), final.get("test/tp")]], Path(folder) / "confusion_matrix.png"
+        )]
+        if final.get("test/score_hist_pos") is not None:
+            extra = {f"test/{k}": v for k, v in reporting.roc_pr_png(final["test/score_hist_pos"], final["test/score_hist_neg"], Path(folder) / "roc_pr_curves.png").items()}
+            pictures.append(Path(folder) / "roc_pr_curves.png")
+            client.log_batch(run_id, metrics=[_metric(k, v, step) for k, v in extra.items() if v == v])  # NaN: undefined
+        history = {key: [(m.step, m.value) for m in client.get_metric_history(history_run_id or run_id, key)] for key in CURVE_KEYS}
+        one_epoch = len(history.get("val/loss", [])) <= 1
+        steps = int(final.get("train/optimizer_steps") or 0) or None
+        pictures.append(reporting.training_curves_png(history, Path(folder) / "training_curves.png", steps_per_epoch=steps if one_epoch else None))
+        for picture in pictures:
+            client.log_artifact(run_id, str(picture), "pictures")
+    rows = {split: info.rows for split, info in manifest.splits.items()}
+    description = reporting.run_description(
+        model=model, dataset=f"{manifest.name}/{manifest.version}", dataset_uri=manifest.uri, rows=rows,
+        epochs_run=int(final.get("epoch", 1)), best_epoch=int(final.get("best_epoch", final.get("epoch", 1))),
+        metrics={**final, **extra}, stopped_early=bool(final.get("stopped_early")), kind=kind,
+    )
+    client.set_tag(run_id, "mlflow.note.content", description)
+    return extra
+
+
+def write_model_card(name: str, version: str, run_id: str, final: dict, manifest, model: str, decision, settings: dict) -> None:
+    """The registered version's description: a short model card (data, scores, the gate, how to serve)."""
+    from pipelines import reporting
+    from pipelines.registry import CHAMPION
+
+    card = reporting.model_card(
+        name=name, version=version, run_id=run_id, model=model, dataset=f"{manifest.name}/{manifest.version}",
+        dataset_uri=manifest.uri, dataset_hash=manifest.content_hash, metrics=final,
+        gate_promoted=decision.promote if decision else None, gate_reason=decision.reason if decision else "not gated",
+        best_epoch=int(final.get("best_epoch", final.get("epoch", 1))), settings=settings,
+        serve_hint=f"python -m serve.app --model-name {name}  (serves @{CHAMPION}; or: make serve)",
+        rows={split: info.rows for split, info in manifest.splits.items()},
+    )
+    MlflowClient().update_model_version(name, version, description=card)
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
 
 
 # --- the model a run registers ---------------------------------------------------------
@@ -263,9 +375,37 @@ def log_test_results(final: dict, manifest_json: dict, step: int) -> None:
     mlflow.log_dict(manifest_json, "dataset_manifest.json")
 
 
+def upload_console_log(run_id: str, log_path: Path) -> None:
+    """The job's log as the run's `console.log`; a failure to upload must not hide the run's own error."""
+    import shutil
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="console-log-") as folder:
+            copy = Path(folder) / "console.log"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            shutil.copyfile(log_path, copy)
+            MlflowClient().log_artifact(run_id, str(copy))
+    except Exception as exc:
+        log.warning("could not upload %s to the MLflow run %s: %s", log_path, run_id, exc)
+
+
 @contextmanager
-def console_log(path: Path):
-    """Tee stdout/stderr into `path` (Ray forwards worker output through them); logged with the run."""
+def console_log():
+    """The file that holds this job's output: the console session's log, or a tee of stdout/stderr."""
+    if console.active():
+        yield console.log_path()
+        return
+    import tempfile
+
+    with _tee(Path(tempfile.mkdtemp(prefix="train-log-")) / "console.log") as path:
+        yield path
+
+
+@contextmanager
+def _tee(path: Path):
+    """Tee stdout/stderr into `path` (Ray forwards worker output through them), for in-process use."""
 
     class Tee:
         def __init__(self, stream, sink):

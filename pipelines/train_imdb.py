@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines import cli
+from pipelines import cli, console
 from pipelines.config import TrainConfig
 
 
@@ -20,10 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # flags are validated here, before Ray or MLflow start
-    config = cli.from_namespace(TrainConfig, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    config = cli.from_namespace(TrainConfig, args)
     from pipelines.fine_tune import run_training
 
-    run_training(config)
+    with console.session("train", console.log_dir_for(config.storage), verbose=args.verbose):
+        run_training(config)
     return 0
 
 

@@ -37,6 +37,8 @@ from pipelines.tokenization import PadCollate
 TRAINING_STATE = "training_state.pt"
 BEST_MODEL_DIR = "best_model"  # in a checkpoint whose own epoch is not the best one
 PROGRESS_EVERY_S = 10.0
+SCORE_BINS = 100  # test-set score histograms: ROC / PR curves exact at 0.01 thresholds
+STEP_CURVE_POINTS = 200  # per-step train loss points kept per epoch (chunk means beyond that)
 SELECTION_METRIC = "val/accuracy"
 
 
@@ -194,13 +196,26 @@ def _forward_backward(model, batch: dict, step_rows: int, last_in_step: bool, to
     totals.padded_tokens += batch["attention_mask"].numel()
 
 
-def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], config: dict, device: torch.device) -> dict:
-    """Loss, accuracy, precision, recall, F1 and the confusion matrix; summed over workers."""
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    config: dict,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+    score_bins: int = 0,
+) -> dict:
+    """Loss, accuracy, precision, recall, F1 and the confusion matrix; summed over workers.
+
+    `score_bins` > 0 adds histograms of the positive-class probability per true label
+    (`score_hist_pos`, `score_hist_neg`): they add up over workers, and ROC and
+    precision-recall curves are drawn from them (pipelines.reporting).
+    """
     module = unwrap(model)  # no DDP collectives inside: workers may hold different row counts
     module.eval()
     collate = PadCollate(config["pad_token_id"], multiple_of=8 if device.type == "cuda" else 1)
     # loss_sum, rows, tp, fp, fn, tn
     counts = torch.zeros(6, dtype=torch.float64, device=device)
+    histograms = torch.zeros(2, max(score_bins, 1), dtype=torch.float64, device=device)  # (true neg, true pos) x bins
     with torch.inference_mode():
         for numpy_batch in batches:
             batch = to_device(collate(numpy_batch), device)
@@ -214,10 +229,21 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], config: d
             counts[3] += ((predictions == 1) & (labels == 0)).sum()
             counts[4] += ((predictions == 0) & (labels == 1)).sum()
             counts[5] += ((predictions == 0) & (labels == 0)).sum()
+            if score_bins:
+                positive = torch.softmax(logits.float(), dim=-1)[:, 1]
+                bins = (positive * score_bins).long().clamp_(0, score_bins - 1)
+                histograms.index_put_((labels.long(), bins), torch.ones_like(positive, dtype=torch.float64), accumulate=True)
+            if progress:
+                progress(int(counts[1]))  # rows so far (a sync per batch: cheap next to the forward pass)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
+        if score_bins:
+            dist.all_reduce(histograms)
     module.train()
-    return metrics_from_counts(counts.tolist())
+    metrics = metrics_from_counts(counts.tolist())
+    if score_bins:
+        metrics["score_hist_neg"], metrics["score_hist_pos"] = ([int(v) for v in row] for row in histograms.tolist())
+    return metrics
 
 
 def metrics_from_counts(counts: list[float]) -> dict:
@@ -350,26 +376,49 @@ def shard_steps(shard, plan: BatchPlan, seed: int, epoch: int, rank: int) -> Ite
     return epoch_steps(windows, plan, seed, epoch, rank)
 
 
-def evaluate(model, shard, config: dict, device) -> dict:
+def evaluate(model, shard, config: dict, device, poster=None, key: str = "", total: int = 0, score_bins: int = 0) -> dict:
     batches = shard.iter_batches(batch_size=config["eval_batch_size"], batch_format="numpy", prefetch_batches=2)
-    return evaluate_batches(model, batches, config, device)
+    progress = (lambda rows: poster.post(key, rows, total, "reviews", force=rows >= total)) if poster else None
+    metrics = evaluate_batches(model, batches, config, device, progress, score_bins)
+    if poster:
+        poster.post(key, metrics["rows"] if total else 0, total, "reviews", force=True)  # a worker with an empty shard
+    return metrics
 
 
-def _progress_printer(config: dict, epoch: int, max_steps: int) -> Callable[[EpochTotals], None]:
-    last_print = [time.perf_counter()]
+class ProgressReporter:
+    """Rank 0's progress: a bar on the driver's console (poster), a log line every few
+    seconds, and the per-step loss curve (`step_curve`, at global optimizer steps)."""
 
-    def progress(totals: EpochTotals) -> None:
+    def __init__(self, config: dict, epoch: int, max_steps: int, poster):
+        self.config, self.epoch, self.max_steps, self.poster = config, epoch, max_steps, poster
+        self.key = f"epoch {epoch + 1}/{config['epochs']}"
+        self.last_print = time.perf_counter()
+        self.step_losses: list[float] = []
+        self._seen = (0.0, 0)  # loss_sum, samples at the previous step
+
+    def __call__(self, totals: EpochTotals) -> None:
+        loss = totals.loss_sum / max(totals.samples, 1)
+        rate = totals.samples / totals.elapsed_s
+        self.step_losses.append((totals.loss_sum - self._seen[0]) / max(totals.samples - self._seen[1], 1))
+        self._seen = (totals.loss_sum, totals.samples)
+        self.poster.post(self.key, totals.optimizer_steps, self.max_steps, "steps", f"loss {loss:.4f}, {rate:.1f} samples/s, data-wait {totals.data_wait_share:.0%}")
         now = time.perf_counter()
-        if now - last_print[0] > PROGRESS_EVERY_S:
-            last_print[0] = now
+        if now - self.last_print > PROGRESS_EVERY_S:
+            self.last_print = now
             print(
-                f"[train] epoch {epoch + 1}/{config['epochs']} step {totals.optimizer_steps}/{max_steps} "
-                f"loss {totals.loss_sum / max(totals.samples, 1):.4f} {totals.samples / totals.elapsed_s:.1f} samples/s "
-                f"data-wait {totals.data_wait_share:.0%}",
+                f"[train] {self.key} step {totals.optimizer_steps}/{self.max_steps} "
+                f"loss {loss:.4f} {rate:.1f} samples/s data-wait {totals.data_wait_share:.0%}",
                 flush=True,
             )
 
-    return progress
+    def step_curve(self, steps_per_epoch: int) -> list[list[float]]:
+        """[[global step, mean loss of the steps up to it]], at most STEP_CURVE_POINTS points."""
+        chunk = max(1, math.ceil(len(self.step_losses) / STEP_CURVE_POINTS))
+        first = self.epoch * steps_per_epoch
+        return [
+            [first + min(start + chunk, len(self.step_losses)), sum(self.step_losses[start:start + chunk]) / len(self.step_losses[start:start + chunk])]
+            for start in range(0, len(self.step_losses), chunk)
+        ]
 
 
 def _restore(config: dict, rank: int):
@@ -387,8 +436,6 @@ def _restore(config: dict, rank: int):
             best.weights = load_classifier(Path(folder) / BEST_MODEL_DIR).state_dict()
         elif best.epoch == state["epoch"]:  # the checkpoint's own model is the best: keep it as later epochs train on
             best.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if rank == 0:
-        print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
     return model, state, best
 
 
@@ -398,13 +445,19 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from pipelines.live_progress import Poster
+
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("num_threads", 1))))
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
 
+    poster = Poster(config.get("progress_board"), rank)
     model, state, best = _restore(config, rank)
+    if state is not None and rank == 0:
+        print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+        poster.note(f"[training] resuming from the checkpoint of epoch {state['epoch'] + 1}")
     start_epoch, history = (state["epoch"] + 1, list(state["history"])) if state else (0, [])
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
@@ -419,10 +472,12 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         maybe_inject_failure(config, epoch)
         steps = shard_steps(shards["train"], plan, config["seed"], epoch, rank)
-        progress = _progress_printer(config, epoch, steps_per_epoch(config, world_size)) if rank == 0 else None
+        progress = ProgressReporter(config, epoch, steps_per_epoch(config, world_size), poster) if rank == 0 else None
         totals = train_epoch(model, optimizer, scheduler, steps, config, device, world_size, progress)
         metrics = {"epoch": epoch + 1, **epoch_metrics(gather_totals(totals, device), scheduler.get_last_lr()[0])}
-        val = evaluate(model, shards["val"], config, device)
+        if progress:
+            metrics["train/step_loss_curve"] = progress.step_curve(steps_per_epoch(config, world_size))
+        val = evaluate(model, shards["val"], config, device, poster, f"epoch {epoch + 1} validation", config.get("val_rows", 0))
         metrics.update({f"val/{k}": v for k, v in val.items()})
         if device.type == "cuda":
             metrics["train/gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
@@ -433,7 +488,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["epochs_trained"] = ",".join(str(e + 1) for e in history)
         folder = save_checkpoint(model, optimizer, scheduler, epoch, history, config, best) if rank == 0 else None
         if stop:
-            metrics.update(_final_metrics(model, best, epoch, config, device, stopped_early=not last_epoch))
+            metrics.update(_final_metrics(model, best, epoch, config, device, stopped_early=not last_epoch, poster=poster))
         report_start = time.perf_counter()
         try:
             # rank 0 uploads the checkpoint to the run's storage (a bucket on a cluster) inside report()
@@ -447,7 +502,7 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
-def _final_metrics(model, best: BestEpoch, epoch: int, config: dict, device, stopped_early: bool) -> dict:
+def _final_metrics(model, best: BestEpoch, epoch: int, config: dict, device, stopped_early: bool, poster=None) -> dict:
     """The best epoch's model on the test split (its weights put back if later epochs moved on)."""
     import ray.train
 
@@ -455,7 +510,9 @@ def _final_metrics(model, best: BestEpoch, epoch: int, config: dict, device, sto
         unwrap(model).load_state_dict(best.weights)
     if stopped_early and ray.train.get_context().get_world_rank() == 0:
         print(f"[train] early stop after epoch {epoch + 1}: no better {SELECTION_METRIC} since epoch {best.epoch + 1}", flush=True)
-    test = evaluate(model, ray.train.get_dataset_shard("test"), config, device)
+        if poster:
+            poster.note(f"[training] early stop after epoch {epoch + 1}: no better {SELECTION_METRIC} since epoch {best.epoch + 1}")
+    test = evaluate(model, ray.train.get_dataset_shard("test"), config, device, poster, "test", config.get("test_rows", 0), score_bins=SCORE_BINS)
     return {
         **{f"test/{k}": v for k, v in test.items()},
         "best_epoch": best.epoch + 1,

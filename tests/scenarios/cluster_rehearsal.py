@@ -158,9 +158,14 @@ def train_args(epochs: int) -> list[str]:
 
 
 def checkpoint_times(output: str) -> dict[str, float]:
-    """Epoch -> seconds rank 0 spent storing its checkpoint (into S3), from "[train] epoch N: checkpoint stored in X s"."""
+    """Epoch -> seconds rank 0 spent storing its checkpoint (into S3), from "[train] epoch N: checkpoint stored in X s".
+
+    The workers' lines are in the job's log file, whose path is the output's `log:` line.
+    """
+    log_file = next((line.split()[1] for line in output.splitlines() if line.startswith("log: ")), None)
+    full_log = Path(log_file).read_text(errors="replace") if log_file and Path(log_file).exists() else output
     times = {}
-    for line in output.splitlines():
+    for line in full_log.splitlines():
         if "checkpoint stored in" in line and "[train] epoch " in line:
             epoch = line.split("[train] epoch ")[1].split(":")[0]
             times[epoch] = float(line.split("stored in ")[1].split(" s")[0])

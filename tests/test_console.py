@@ -1,0 +1,166 @@
+"""What a person sees: `python -m pipelines.train_imdb` run as a user runs it, its output read.
+
+A real subprocess with its own local Ray, the tiny model, the sample corpus and a fresh
+storage root; then the MLflow store it wrote. The console must be short and quiet (no
+library warnings, no line twice), show the stages and progress bars, and leave a run
+whose page shows pictures, a description and its data; a failing run must say where it
+failed and keep its log in MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import console
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LINES = 60
+STAGES = ("[data]", "[model]", "[resources]", "[training]", "[evaluation]", "[registration]")
+# what must never reach the console: library warnings, Ray's internals, worker prefixes
+NOISE = re.compile(r"warning(?!: )|Deprecat|core_worker|RayTrainWorker|TrainController|Traceback|INFO|ERROR", re.IGNORECASE)
+
+
+def run_cli(args: list[str], storage: Path, timeout_s: float = 420) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's first run
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.train_imdb", *args, "--storage", str(storage)],
+        cwd=storage.parent, env=env, capture_output=True, text=True, timeout=timeout_s,
+    )
+
+
+def train_args(model_dir: str) -> list[str]:
+    return ["--data", "sample", "--model", model_dir, "--epochs", "2", "--max-steps-per-epoch", "3",
+            "--max-length", "32", "--batch-size", "8", "--eval-batch-size", "128", "--register-as", "console-test"]
+
+
+def screen_lines(output: str) -> list[str]:
+    """Lines as a terminal shows them: a carriage return redraws the line."""
+    return [line.split("\r")[-1] for line in output.splitlines()]
+
+
+def mlflow_client(storage: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(tmp_path, tiny_model_dir):
+    storage = tmp_path / "storage"
+    result = run_cli(train_args(tiny_model_dir), storage)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    lines = screen_lines(output)
+    assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n{output}"
+    said = [line for line in lines if line.strip()]
+    repeated = sorted({line for line in said if said.count(line) > 1})
+    assert not repeated, f"printed twice: {repeated}"
+    noisy = [line for line in lines if NOISE.search(line)]
+    assert not noisy, f"library output on the console: {noisy}"
+    for stage in STAGES:
+        assert any(line.startswith(stage) for line in lines), f"no {stage} line in:\n{output}"
+    for bar in ("tokenize train", "epoch 1/2", "epoch 2/2", "epoch 1 validation", "test"):
+        assert any(line.startswith(f"{bar}:") and "100%" in line for line in lines), f"no finished {bar!r} bar in:\n{output}"
+
+    log_file = Path(lines[0].split()[1])
+    assert lines[0].startswith("log: ") and log_file.is_file()
+    full_log = log_file.read_text(errors="replace")
+    assert "RayTrainWorker" in full_log  # the workers' output went to the log file
+    assert full_log.count("[train] epoch 1: checkpoint stored in") == 1, "a worker line reached the log twice"
+
+    client = mlflow_client(storage)
+    run = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert "console.log" in artifacts
+    assert {"pictures/confusion_matrix.png", "pictures/training_curves.png", "pictures/roc_pr_curves.png"} <= artifacts
+    assert "test accuracy" in run.data.tags["mlflow.note.content"]
+    inputs = {(d.dataset.name.rsplit(":", 1)[1], {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
+    assert inputs == {("train", "training"), ("val", "validation"), ("test", "test")}
+    assert 0.0 <= run.data.metrics["test/roc_auc"] <= 1.0
+    assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 6  # 3 steps x 2 epochs
+    card = client.get_model_version("console-test", "1").description
+    assert "## Evaluation" in card and run.info.run_id in card and "synthetic" in card
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(tmp_path, tiny_model_dir):
+    storage = tmp_path / "storage"
+    args = train_args(tiny_model_dir)
+    prepared = run_cli([*args, "--epochs", "1", "--max-steps-per-epoch", "1"], storage)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    # damage every train shard in place, keeping its size (a disk or copy fault, not a cut
+    # file, which the size check would catch before the run starts): reading it fails
+    for shard in (storage / "datasets" / "sample").glob("*/train/*.parquet"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 4: len(data) * 3 // 4] = b"\x00" * (len(data) * 3 // 4 - len(data) // 4)
+        shard.write_bytes(bytes(data))
+
+    result = run_cli([*args, "--max-failures", "0"], storage)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]  # bad data: the user's to fix
+    last = screen_lines(result.stderr)[-2:]
+    assert last[0].startswith("error: ") and "the train split cannot be read" in last[0] and "datasets/sample" in last[0], result.stderr
+    assert last[1].startswith("failed in stage: tokenize; full log: "), result.stderr
+    log_file = Path(last[1].split("full log: ")[1])
+    assert "Traceback" in log_file.read_text(errors="replace")
+    assert "Traceback" not in result.stdout + result.stderr
+
+    client = mlflow_client(storage)
+    runs = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id], order_by=["attributes.start_time DESC"])
+    failed = runs[0]
+    assert failed.info.status == "FAILED"
+    assert "console.log" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_flag_exits_2_with_one_line_and_no_log(tmp_path):
+    env = {**os.environ}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.train_imdb", "--data", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "s")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=50,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors[0].startswith("error: ") and "nowhere" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+SESSION_SCRIPT = """
+import logging, os, sys
+from pathlib import Path
+from pipelines import console
+logging.basicConfig(level=logging.INFO)
+with console.session("unit", Path(sys.argv[1])) as log_file:
+    print("library chatter")
+    os.write(2, b"a C++ core line\\n")
+    logging.getLogger("ray.data").warning("an internal warning")
+    console.stage("data", "3 reviews")
+    with console.progress(3, "tokenize", unit="reviews") as bar:
+        bar.update(3)
+print("after the session")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_session_sends_library_output_to_the_log_and_gives_the_terminal_back(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SESSION_SCRIPT, str(tmp_path / "logs")], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.splitlines()
+    log_file = next((tmp_path / "logs").glob("unit-*.log"))
+    assert shown[0].startswith(f"log: {log_file}")
+    assert shown[1:] == ["[data] 3 reviews", shown[2], "after the session"] and shown[2].startswith("tokenize: 100%|")
+    assert result.stderr == ""
+    logged = log_file.read_text()
+    for line in ("library chatter", "a C++ core line", "an internal warning", "[data] 3 reviews", "tokenize: 100%"):
+        assert line in logged
+    assert "after the session" not in logged
