@@ -1,6 +1,7 @@
 # The two commands in README.md:
 #   make train   set up .venv and run the main job on the embedded default
 #   make test    set up .venv and run the test suite (what CI runs)
+# and after `make train`: `make serve` (the champion over HTTP), `make ui` (MLflow's UI)
 # bash: the postgresql target uses compgen
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,7 +15,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup postgresql train test test-fast rehearsal bench lock clean
+.PHONY: setup postgresql train serve ui test test-fast rehearsal bench lock clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,17 @@ postgresql:
 
 train: setup
 	$(BIN)/python -m pipelines.train_imdb --data sample --epochs 1 --max-length 128 --batch-size 16 $(ARGS)
+
+# the champion that `make train` registered, behind http://127.0.0.1:$(PORT) (Ctrl-C stops)
+PORT ?= 8000
+serve: setup
+	$(BIN)/python -m serve.app --port $(PORT) $(ARGS)
+
+# MLflow's UI on the embedded store that train and serve use ($$PLATFORM_STORAGE, else ~/.cache/imdb-platform)
+UI_PORT ?= 5000
+ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
+	  "$$($(BIN)/python -c 'from pipelines import storage, tracking; print(tracking.local_store(storage.default_storage())[0])')"
 
 test: setup postgresql
 	$(BIN)/python -m pytest $(ARGS)

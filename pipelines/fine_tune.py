@@ -190,7 +190,8 @@ def describe_splits(manifest: Manifest) -> str:
 
 
 def model_name(model_flag: str | None, model_path: str) -> str:
-    return model_flag or f"all-MiniLM-L6-v2 (bundled, {model_path})"
+    """What the person asked for: a hub id or folder, or the bundled default."""
+    return model_flag or "all-MiniLM-L6-v2 (bundled)"
 
 
 def _run_dir(config: TrainConfig, run_name: str) -> Location:

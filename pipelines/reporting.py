@@ -469,7 +469,7 @@ def model_card(
         "## Data", *(f"- {line}" for line in data_lines),
         "## Evaluation", *evaluation,
         "## Gate", gate,
-        "## How to use", serve_hint.strip(), "", "```python", "import mlflow",
+        "## How to use", "Over HTTP:", "", "```bash", serve_hint.strip(), "```", "", "In Python:", "", "```python", "import mlflow",
         f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
         'model.predict(["A moving story with wonderful acting."])', "```",
         "## Limitations", *limitations,

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import ray
 
+from pipelines import console
 from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
 from pipelines.streaming import DataResources
@@ -187,9 +188,13 @@ def autoscaler_request(bundles: list[dict], ready: Callable[[], bool], what: str
         return
     try:
         deadline = time.monotonic() + timeout_s
+        if not ready():
+            console.stage("resources", f"waiting for the autoscaler to start {what} (up to {timeout_s:.0f} s)")
         while not ready():
             if time.monotonic() > deadline:
                 log.warning("the autoscaler did not provide %s within %.0f s; going on with what is up", what, timeout_s)
+                console.warn(f"the autoscaler did not provide {what} within {timeout_s:.0f} s; going on with what is up "
+                             "(raise $PLATFORM_RESOURCE_WAIT_S, or see the autoscaler's log: ray monitor cluster.yaml)")
                 break
             log.info("waiting for the autoscaler: %s (up to %.0f s more)", what, deadline - time.monotonic())
             time.sleep(10)

@@ -20,6 +20,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.train import DataConfig
 
+from pipelines import console
 from pipelines.config import TrainConfig
 from pipelines.datasets import Manifest
 from pipelines.errors import DataError
@@ -149,8 +150,8 @@ def should_cache_tokenized(config: TrainConfig, manifest: Manifest, alive_nodes:
     """--cache-tokenized: yes, no, or auto (one node, and the token ids fit easily)."""
     if config.cache_tokenized != "auto":
         if config.cache_tokenized == "yes" and alive_nodes > 1:
-            log.warning("--cache-tokenized yes on a multi-node cluster: a node lost mid-run takes its cached blocks "
-                        "with it and the run cannot resume (use auto or no to stream instead)")
+            console.warn("--cache-tokenized yes on a multi-node cluster: a node lost mid-run takes its cached blocks "
+                         "with it and the run cannot resume (use auto or no to stream instead)")
         return config.cache_tokenized == "yes"
     if alive_nodes > 1:
         # cached blocks live in the object store of the node that made them; when that node

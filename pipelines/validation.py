@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from pipelines import console
 from pipelines.errors import DataError
 
 if TYPE_CHECKING:  # sources runs check_rows itself, so it cannot be imported here at run time
@@ -66,4 +67,5 @@ def check_splits(splits: RawCorpus, min_class_fraction: float = 0.2, where: str 
             warnings.append(f"split {name!r} is imbalanced: {counts} (minority {minority:.1%})")
     for warning in warnings:
         log.warning(warning)
+        console.warn(warning)
     return warnings

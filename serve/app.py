@@ -34,7 +34,7 @@ from serve.metrics import ServingMetrics
 from serve.model_store import ModelSelector, ModelStore, torch_threads_for
 from serve.schemas import RequestLimits
 from serve.security import ApiKeyGuard, load_api_key
-from serve.settings import ModelSource, ScalingSettings, ServingConfig, split_app_args
+from serve.settings import API_KEY_ENV, API_KEY_FILE_ENV, ModelSource, ScalingSettings, ServingConfig, split_app_args
 
 log = logging.getLogger("ray.serve")  # Serve routes this logger into the replica's log file
 DEPLOYMENT_NAME = "SentimentClassifier"
@@ -243,26 +243,44 @@ def main(argv: list[str] | None = None) -> int:
         help="where Serve runs HTTP proxies: every node (behind a load balancer), or the head only (default: %(default)s)",
     )
     http.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's output on the console too (it always goes to the log file)")
     args = parser.parse_args(argv)
     source, serving, scaling = (from_namespace(cls, args) for cls in (ModelSource, ServingConfig, ScalingSettings))
 
-    version = check_model_exists(source, serving)
-    init_ray(args.ray_address)
-    serve.start(
-        proxy_location=args.proxy_location,
-        http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
-    )
-    try:
-        serve.run(build_app(source, serving, **scaling.deployment_options()), name=args.app_name, route_prefix=args.route_prefix)
-        base = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
-        print(f"serving models:/{source.model_name}/{version} at {base}/v1/predict  (docs: {base}/docs; Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        serve.shutdown()
+    from pipelines import console
+
+    with console.session("serve", console.log_dir_for(source.storage), verbose=args.verbose):
+        console.enter("model")
+        version = check_model_exists(source, serving)
+        console.stage("model", f"models:/{source.model_name}/{version} ({'pinned' if serving.model_version else f'@{serving.model_alias}; replicas follow it'})")
+        console.enter("deploy")
+        init_ray(args.ray_address)
+        serve.start(
+            proxy_location=args.proxy_location,
+            http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
+        )
+        try:
+            serve.run(build_app(source, serving, **scaling.deployment_options()), name=args.app_name, route_prefix=args.route_prefix)
+            for line in ready_lines(args.host, args.port, args.route_prefix, f"models:/{source.model_name}/{version}"):
+                console.say(line)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.say("stopping")
+        finally:
+            serve.shutdown()
     return 0
+
+
+def ready_lines(host: str, port: int, route_prefix: str, model: str) -> list[str]:
+    """What to tell a person once the endpoint answers: where it is, and a request to try."""
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown_host}:{port}{route_prefix.rstrip('/')}"
+    auth = ' -H "Authorization: Bearer $SERVE_API_KEY"' if os.environ.get(API_KEY_ENV) or os.environ.get(API_KEY_FILE_ENV) else ""
+    return [
+        f"[serve] {model} at {base}/v1/predict  (API docs: {base}/docs; Ctrl-C stops)",
+        f"try: curl -s {base}/v1/predict -H 'Content-Type: application/json'{auth} -d '{{\"texts\": [\"A moving story with wonderful acting.\"]}}'",
+    ]
 
 
 if __name__ == "__main__":

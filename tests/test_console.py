@@ -164,3 +164,18 @@ def test_session_sends_library_output_to_the_log_and_gives_the_terminal_back(tmp
     for line in ("library chatter", "a C++ core line", "an internal warning", "[data] 3 reviews", "tokenize: 100%"):
         assert line in logged
     assert "after the session" not in logged
+
+
+@pytest.mark.timeout(30)
+def test_serve_tells_where_it_listens_and_how_to_call_it(monkeypatch):
+    from serve.app import ready_lines
+
+    monkeypatch.delenv("SERVE_API_KEY", raising=False)
+    monkeypatch.delenv("SERVE_API_KEY_FILE", raising=False)
+    where, example = ready_lines("0.0.0.0", 8123, "/", "models:/imdb-sentiment/4")
+    assert where.startswith("[serve] models:/imdb-sentiment/4 at http://127.0.0.1:8123/v1/predict")
+    assert example.startswith("try: curl -s http://127.0.0.1:8123/v1/predict") and "Authorization" not in example
+    monkeypatch.setenv("SERVE_API_KEY", "k" * 32)
+    _, example = ready_lines("127.0.0.1", 8123, "/api/", "models:/imdb-sentiment/4")
+    assert "http://127.0.0.1:8123/api/v1/predict" in example and 'Authorization: Bearer $SERVE_API_KEY' in example
+    assert "k" * 32 not in example  # the key itself is never printed
