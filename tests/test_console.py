@@ -179,3 +179,29 @@ def test_serve_tells_where_it_listens_and_how_to_call_it(monkeypatch):
     _, example = ready_lines("127.0.0.1", 8123, "/api/", "models:/imdb-sentiment/4")
     assert "http://127.0.0.1:8123/api/v1/predict" in example and 'Authorization: Bearer $SERVE_API_KEY' in example
     assert "k" * 32 not in example  # the key itself is never printed
+
+
+FAILING_SCRIPT = """
+import sys
+from pathlib import Path
+from pipelines import cli, console
+
+def main(argv):
+    with console.session("unit", Path(sys.argv[1])):
+        console.stage("training", "started")
+        raise RuntimeError("the cluster went away\\nsecond line")
+
+cli.run_main(main, [])
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_platform_failure_exits_1_with_its_stage_and_the_traceback_only_in_the_log(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FAILING_SCRIPT, str(tmp_path / "logs")], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 1
+    log_file = next((tmp_path / "logs").glob("unit-*.log"))
+    assert result.stderr.splitlines() == [
+        "error: RuntimeError: the cluster went away",
+        f"failed in stage: training; full log: {log_file}",
+    ]
+    assert "Traceback" in log_file.read_text() and "second line" in log_file.read_text()
