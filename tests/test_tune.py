@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -110,6 +112,59 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id, "registered from the best trial's child run"
 
 
+@pytest.mark.timeout(1200)
+def test_parent_run_reads_like_a_training_run(sweep_outcome):
+    """The sweep's run shows the best trial's data, pictures and scores; its version has a model card."""
+    config, outcome = sweep_outcome
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("**Sweep**") and outcome.sweep_name in description
+    assert outcome.best["trial_id"] in description and "`lr` (loguniform" in description and "test accuracy" in description
+    assert {d.dataset.name.rsplit(":", 1)[1] for d in parent.inputs.dataset_inputs} == {"train", "val", "test"}
+    pictures = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "pictures")}
+    assert {"confusion_matrix.png", "training_curves.png", "roc_pr_curves.png"} <= pictures
+    assert {"test/accuracy", "test/roc_auc"} <= set(parent.data.metrics)
+    version = client.get_model_version(config.train.register_as, outcome.registered_version)
+    assert f"v{outcome.registered_version}" in version.description and "## Evaluation" in version.description
+    assert version.tags["sweep"] == outcome.sweep_name
+
+
+@pytest.mark.timeout(60)
+def test_trial_events_are_one_console_line_each(capsys):
+    import numpy as np
+
+    from tune.sweep import TrialEvents
+
+    config = SweepConfig(num_samples=3, lr_min=1e-5, lr_max=1e-3, batch_sizes=(16, 32), train=TrainConfig(epochs=2))
+    events = TrialEvents(config)
+
+    def trial(trial_id, last=None, error=None):
+        sampled = {"lr": np.float64(1.234e-4), "batch_size": np.int64(16)}  # Tune hands back numpy numbers
+        return SimpleNamespace(trial_id=trial_id, config=sampled, last_result=last or {}, get_error=lambda: error)
+
+    epoch_1 = {"epoch": 1, "training_iteration": 1, "val/accuracy": 0.5, "val/loss": 0.69, "done": False}
+    events.on_trial_start(iteration=1, trials=[], trial=trial("a_00000"))
+    events.on_trial_result(iteration=2, trials=[], trial=trial("a_00000"), result=epoch_1)
+    last = {**epoch_1, "epoch": 2, "val/accuracy": 0.75, "test/accuracy": 0.8125, "stopped_early": False}
+    events.on_trial_complete(iteration=3, trials=[], trial=trial("a_00000", last))
+    events.on_trial_result(iteration=4, trials=[], trial=trial("b_00001"), result={**epoch_1, "done": True})  # ASHA: STOP
+    events.on_trial_complete(iteration=5, trials=[], trial=trial("b_00001", epoch_1))
+    traceback = "Failure # 1 (occurred at 2025)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n    boom()\nValueError: boom\n"
+    events.on_trial_error(iteration=6, trials=[], trial=trial("c_00002", error=traceback))
+    assert capsys.readouterr().out.splitlines() == [
+        "[trial a_00000] started: lr=0.000123 batch_size=16",
+        "[trial a_00000] epoch 1/2: val acc 0.5000, val loss 0.6900",
+        "[trial a_00000] finished after 2 epochs: val acc 0.7500, val loss 0.6900, test acc 0.8125",
+        "[trial b_00001] epoch 1/2: val acc 0.5000, val loss 0.6900",
+        "[trial b_00001] stopped early by ASHA after epoch 1: val acc 0.5000, val loss 0.6900",
+        "[trial c_00002] failed: ValueError: boom",
+    ]
+    many = TrialEvents(SweepConfig(num_samples=40, train=TrainConfig(epochs=2)))
+    many.on_trial_result(iteration=1, trials=[], trial=trial("d_00003"), result=epoch_1)
+    assert capsys.readouterr().out == "", "a long sweep gets no per-epoch lines"
+
+
 @pytest.mark.timeout(1500)
 def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir, tmp_path):
     """SIGINT the sweep's driver after its first trial, then --resume runs the second in the same MLflow run.
@@ -128,7 +183,9 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
-    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    console_out = tmp_path / "console.txt"
+    with console_out.open("w") as out:
+        driver = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     trial_results = storage / "tune_results" / "resume-me"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and driver.poll() is None:
@@ -139,6 +196,11 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     assert driver.poll() is None, "the sweep ended before it could be interrupted"
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=180)
+    # the console: stage lines and trial events; Ray, Tune and the trials write to the log file
+    lines = console_out.read_text().splitlines()
+    assert lines and lines[0].startswith("log: ") and len(lines) < 40, lines
+    quiet = re.compile(r"(log: |\[(data|model|resources|sweep|trial \S+)\] |interrupted|error: |failed in stage: )")
+    assert all(quiet.match(line) for line in lines), lines
 
     marker = trial_results / "mlflow_parent_run_id"
     parent_before = marker.read_text().strip()

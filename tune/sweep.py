@@ -7,6 +7,9 @@ validation accuracy and stops trailing trials. Each trial trains with the sweep'
 base TrainConfig and its sampled values (tune.settings). MLflow gets a parent run
 for the sweep and a child run per trial; the best finished trial is registered and
 passes the same champion gate as a training run.
+
+The console gets stage lines and one line per trial event (`TrialEvents`); Tune's
+status tables are off and everything Ray prints goes to the log file (pipelines.console).
 """
 
 from __future__ import annotations
@@ -19,19 +22,20 @@ import math
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.data import DataContext
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines import fine_tune, registry, runtime, streaming, tracking
+from pipelines import console, fine_tune, registry, runtime, streaming, tracking
 from pipelines.datasets import Manifest, load_manifest
 from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import resolve_model_path
@@ -46,10 +50,16 @@ PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_trial_id"
 # Tune needs a non-empty resource request; the trial itself only waits on its trainer.
 TRIAL_DRIVER_CPUS = 0.05
+# Past this many (trials x epochs) the console gets no per-epoch lines, only starts and ends.
+MAX_EPOCH_LINES = 60
 
 
 class SweepFailed(PlatformError):
     """The sweep ended without a trial that can be registered."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl+C: Tune saved the sweep's state and stopped; --resume continues it."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,67 @@ def check_batch_sizes(config: SweepConfig, train_rows: int) -> None:
         )
 
 
+# --- the console: one line per trial event ---------------------------------------------
+
+class TrialEvents(tune.Callback):
+    """Tune callback (runs in the sweep's driver): a console line per trial start, epoch and end.
+
+    Stands in for Tune's status tables (RunConfig(verbose=0)), which redraw every few
+    seconds. Holds only plain values: Tune pickles it with the sweep for --resume.
+    """
+
+    def __init__(self, config: SweepConfig):
+        self.swept = config.swept()
+        self.epochs = config.train.epochs
+        self.stopper = "ASHA" if config.scheduler == "asha" else "the scheduler"
+        self.epoch_lines = trials_planned(config) * config.train.epochs <= MAX_EPOCH_LINES
+        self.stopped: set[str] = set()  # trials the scheduler told to stop
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = " ".join(f"{name}={_shown(coerce(name, trial.config.get(name)))}" for name in self.swept)
+        console.say(f"[trial {trial.trial_id}] started: {values}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("done"):  # set before callbacks run when the scheduler decided STOP
+            self.stopped.add(trial.trial_id)
+        if self.epoch_lines:
+            console.say(f"[trial {trial.trial_id}] epoch {_epoch(result)}/{self.epochs}: {_val_scores(result)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if "test/accuracy" in last:
+            early = f", stopped early (best epoch {last.get('best_epoch')})" if last.get("stopped_early") else ""
+            console.say(f"[trial {trial.trial_id}] finished after {_epoch(last)} epochs{early}: "
+                        f"{_val_scores(last)}, test acc {last['test/accuracy']:.4f}")
+        elif trial.trial_id in self.stopped:
+            console.say(f"[trial {trial.trial_id}] stopped early by {self.stopper} after epoch {_epoch(last)}: {_val_scores(last)}")
+        else:
+            console.say(f"[trial {trial.trial_id}] ended after epoch {_epoch(last) or 0} without a test pass")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        try:
+            text = trial.get_error() or ""
+        except Exception:  # noqa: BLE001 - the error file is the trial's; the reason is a convenience
+            text = ""
+        console.say(f"[trial {trial.trial_id}] failed: {error_reason(str(text))}")
+
+
+def _epoch(result: dict):
+    return result.get("epoch", result.get("training_iteration"))
+
+
+def _val_scores(result: dict) -> str:
+    shown = [f"{label} {result[key]:.4f}" for key, label in (("val/accuracy", "val acc"), ("val/loss", "val loss")) if result.get(key) is not None]
+    return ", ".join(shown) or "no validation metrics"
+
+
+def error_reason(text: str) -> str:
+    """A trial's error file -> its one line: the last exception line of the (worker's) traceback."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~", "Failure # "))), "")
+    return reason[:300] or "no error text (see the log file)"
+
+
 # --- one trial (runs inside Tune) -----------------------------------------------------
 
 def _child_run(client: MlflowClient, context: SweepContext, trial_id: str) -> str:
@@ -213,6 +284,9 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
     except Exception:  # noqa: BLE001 - logged before a resume (params are write-once)
         pass
     manifest = load_manifest(context.dataset_uri)
+    # this trial actor's own DataContext (each dataset copies it): Ray Data's per-operator
+    # bars would redraw into the sweep's log file, thousands of lines per trial
+    DataContext.get_current().enable_progress_bars = False
     cache = streaming.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
     datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache)
     loop_config = fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
@@ -267,7 +341,12 @@ def _tuner(config: SweepConfig, context: SweepContext, concurrency: int, sweep_n
             # a generator carries its own limit; a Searcher (optuna) gets Tune's ConcurrencyLimiter
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else concurrency,
         ),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=resolve(config.train.storage).child("tune_results").uri),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=resolve(config.train.storage).child("tune_results").uri,
+            verbose=0,  # no status tables: TrialEvents prints a line per event instead
+            callbacks=[TrialEvents(config)],
+        ),
     )
 
 
@@ -286,7 +365,7 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
             status = "stopped_early"
         rows.append(
             {
-                "trial_id": metrics.get("trial_id") or Path(result.path).name,
+                "trial_id": _trial_id(result),
                 **{name: coerce(name, result.config.get(name)) for name in swept},
                 "epochs_run": epochs_run,
                 "val_accuracy": metrics.get("val/accuracy"),
@@ -300,6 +379,15 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
         )
     sign = -1 if config.mode == "max" else 1
     return sorted(rows, key=lambda row: (row["score"] is None, sign * (row["score"] or 0)))
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
+def last_reports(result_grid) -> dict[str, dict]:
+    """{trial id: its last report}: a finished trial's holds its test pass (test/*, score histograms)."""
+    return {_trial_id(result): dict(result.metrics or {}) for result in result_grid}
 
 
 def results_csv(rows: list[dict]) -> str:
@@ -363,13 +451,17 @@ def _close_child_runs(client: MlflowClient, experiment_id: str, parent_run_id: s
             client.set_terminated(run.info.run_id, "KILLED" if status == "stopped_early" else "FAILED")
 
 
-def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifest, best: dict, client: MlflowClient):
-    child_runs = client.search_runs(
+def _child_run_of(client: MlflowClient, context: SweepContext, trial_id: str) -> str:
+    runs = client.search_runs(
         [context.experiment_id],
-        filter_string=f"tags.{TRIAL_TAG} = '{best['trial_id']}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
+        filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
     )
+    return runs[0].info.run_id
+
+
+def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifest, best: dict, child_run_id: str, client: MlflowClient):
     register_as = config.train.register_as
-    with mlflow.start_run(run_id=child_runs[0].info.run_id, nested=True):
+    with mlflow.start_run(run_id=child_run_id, nested=True):
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
@@ -391,16 +483,65 @@ def _best_values(best: dict, config: SweepConfig) -> tuple[dict, dict]:
     return metrics, tags
 
 
+def _row_text(row: Dimension) -> str:
+    if row.distribution == "choice":
+        return "one of " + ", ".join(_shown(value) for value in row.values)
+    return f"{row.distribution} {row.low:g} to {row.high:g}"
+
+
+def sweep_description(config: SweepConfig, sweep_name: str, rows: list[dict], best: dict, best_run_id: str) -> str:
+    """The sweep's paragraph of the parent run's description: what was swept, what won, how."""
+    swept = ", ".join(f"`{row.name}` ({_row_text(row)})" for row in config.dimensions())
+    chosen = ", ".join(f"{name}={_shown(best[name])}" for name in config.swept())
+    stopped = sum(row["status"] == "stopped_early" for row in rows)
+    failed = sum(row["status"] == "error" for row in rows)
+    return (
+        f"Sweep `{sweep_name}` swept {swept} over {len(rows)} trials ({config.search} search, {config.scheduler.upper()} scheduler; "
+        f"{stopped} stopped early, {failed} failed), chosen by {config.metric}. "
+        f"Best trial `{best['trial_id']}`: {chosen} ({config.metric} {_shown(best['score'])} after {best['epochs_run']} epochs). "
+        f"The pictures and test scores are the best trial's (child run `{best_run_id}`); every trial is in trials.csv."
+    )
+
+
+def _record_best(config: SweepConfig, context: SweepContext, manifest: Manifest, rows: list[dict], best: dict, final: dict, client: MlflowClient):
+    """The best trial's test pass in the parent run (pictures, description), then its model registered with a card."""
+    train = config.train
+    model = fine_tune.model_name(train.model, context.model_path).split(" (")[0]
+    child_run_id = _child_run_of(client, context, best["trial_id"])
+    tracking.log_test_results(final, manifest.to_json(), step=int(final.get("epoch", best["epochs_run"])))
+    final = {**final, **tracking.log_run_report(context.parent_run_id, final, manifest, model, kind="sweep", history_run_id=child_run_id)}
+    description = client.get_run(context.parent_run_id).data.tags.get("mlflow.note.content", "")
+    client.set_tag(context.parent_run_id, "mlflow.note.content",
+                   f"{description}\n\n{sweep_description(config, context.sweep_name, rows, best, child_run_id)}".strip())
+    # the model version links to the child run: it shows the same pictures
+    tracking.log_run_report(child_run_id, final, manifest, model, kind="sweep trial")
+    console.enter("registration")
+    version, decision = _register_best(config, context, manifest, best, child_run_id, client)
+    best_config = config.trial_config({name: best[name] for name in config.swept()}, f"train-{best['trial_id']}", manifest.root.uri)
+    client.set_model_version_tag(train.register_as, version, "sweep", context.sweep_name)
+    client.set_model_version_tag(train.register_as, version, "best_epoch", str(final.get("best_epoch", best["epochs_run"])))
+    tracking.write_model_card(train.register_as, version, child_run_id, final, manifest, model, decision, asdict(best_config))
+    return version, decision
+
+
 def run_sweep(config: SweepConfig) -> SweepOutcome:
     train = config.train
+    console.enter("data")
     resolve(train.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     manifest = fine_tune.resolve_dataset(train)
     check_batch_sizes(config, manifest.splits["train"].rows)
+    console.stage("data", fine_tune.describe_splits(manifest))
+    console.enter("model")
     model_path = resolve_model_path(train.model)
     tokenizer = load_tokenizer(model_path)
+    swept = config.swept()
+    max_length = "swept" if "max_length" in swept else f"{train.max_length} tokens"
+    truncation = "swept" if "truncation" in swept else train.truncation.replace("_", "+")
+    console.stage("model", f"{fine_tune.model_name(train.model, model_path)}: max length {max_length}, truncation {truncation}")
     tracking_uri, artifact_root = tracking.configure(train.storage, train.tracking_uri)
     experiment_id = tracking.ensure_experiment(train.experiment, artifact_root)
 
+    console.enter("resources")
     runtime.init_ray(train.ray_address)
     # the settings that size a trial (workers, CPUs, GPUs) are the same in every trial
     probe = config.trial_config({}, "probe", manifest.root.uri)
@@ -410,8 +551,9 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
         plan = runtime.plan_resources(probe, tokenized_up_front=False)
         use_gpu, data_resources = plan.use_gpu, plan.data
         concurrency = plan_concurrency(config, use_gpu)
-        from ray.data import DataContext
-
+        threads = trial_threads(config, plan, concurrency)
+        per_trial = replace(plan, threads_per_worker=threads).describe(train.num_workers)
+        console.stage("resources", f"{per_trial}; {concurrency} trial{'s' if concurrency > 1 else ''} at once")
         DataContext.get_current().enable_progress_bars = False
         sweep_name = config.sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         parent_run_id = _start_parent_run(config, sweep_name, experiment_id)
@@ -424,6 +566,7 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                      "search": config.search, "scheduler": config.scheduler, "seed": train.seed},
                     "search_space.json",
                 )
+                tracking.log_dataset_inputs(manifest)
             mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
             context = SweepContext(
                 sweep=config, dataset_uri=manifest.root.uri, model_path=model_path,
@@ -431,9 +574,19 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                 experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
                 data_resources=data_resources.as_dict(), alive_nodes=runtime.alive_node_count(),
                 object_store_bytes=runtime.object_store_bytes() / concurrency,
-                threads_per_worker=trial_threads(config, plan, concurrency),
+                threads_per_worker=threads,
             )
+            console.stage("sweep", f"{sweep_name}: {trials_planned(config)} trials of up to {train.epochs} epochs, {concurrency} at once, "
+                                   f"{config.search} search over {', '.join(swept)}, {config.scheduler.upper()} scheduler by {config.metric}; "
+                                   f"MLflow parent run {parent_run_id}{' (resumed)' if config.resume else ''}")
             result_grid = _tuner(config, context, concurrency, sweep_name).fit()
+            # Tune answers Ctrl+C by saving its state and returning: no best of a partial sweep
+            ended = result_grid.num_terminated + result_grid.num_errors
+            if ended < trials_planned(config):
+                resume_hint = f"interrupted with {ended} of {trials_planned(config)} trials ended; continue it with --sweep-name {sweep_name} --resume"
+                console.stage("sweep", resume_hint)
+                raise SweepInterrupted(resume_hint)
+            console.enter("results")
             rows = summarize(result_grid, config)
             client = MlflowClient(tracking_uri)
             _close_child_runs(client, experiment_id, parent_run_id, rows)
@@ -447,15 +600,23 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                                 "trial_epochs_used": sum(r["epochs_run"] for r in rows),
                                 "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
             mlflow.set_tags({"best_trial": best["trial_id"], **best_tags})
-            version, decision = _register_best(config, context, manifest, best, client)
+            version, decision = _record_best(config, context, manifest, rows, best, last_reports(result_grid)[best["trial_id"]], client)
             mlflow.set_tags({"registered_model": train.register_as, "registered_version": version})
-        except BaseException:
-            mlflow.end_run(status="FAILED")
+        except BaseException as exc:
+            _upload_log(parent_run_id)  # a failed sweep keeps its log too
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
+        _upload_log(parent_run_id)
         mlflow.end_run()
         outcome = SweepOutcome(parent_run_id, sweep_name, rows, best, version, decision, tracking_uri)
         print_summary(outcome, config)
         return outcome
+
+
+def _upload_log(run_id: str) -> None:
+    """The console session's log file as the run's console.log (none outside a session)."""
+    if console.active() and console.log_path() is not None:
+        tracking.upload_console_log(run_id, console.log_path())
 
 
 def _log_sweep_artifacts(rows: list[dict], config: SweepConfig) -> None:
@@ -488,5 +649,6 @@ def print_summary(outcome: SweepOutcome, config: SweepConfig) -> None:
         verdict = "promoted to @champion" if outcome.gate and outcome.gate.promote else "not promoted; @champion unchanged"
         lines.append(f"registered: models:/{config.train.register_as}/{outcome.registered_version} ({verdict}: {outcome.gate.reason if outcome.gate else ''})")
     lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.train.experiment!r}); UI: {tracking.ui_command(outcome.tracking_uri)}")
-    print("\n".join(lines), flush=True)
+    for line in lines:
+        console.say(line)
     log.debug("trials: %s", json.dumps(outcome.trials, default=str))

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import sys
 
-from pipelines import cli
+from pipelines import cli, console
 from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
 from tune.settings import SweepConfig, flag, space_rows
@@ -39,9 +39,13 @@ def flags_given(argv: list[str]) -> set[str]:
 
 
 def parse_settings(argv: list[str] | None = None) -> SweepConfig:
-    """Flags -> SweepConfig; a swept field's flag given as well is refused (the space would win)."""
+    """Flags -> SweepConfig (see settings_from)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    return settings_from(build_parser().parse_args(argv), argv)
+
+
+def settings_from(args: argparse.Namespace, argv: list[str]) -> SweepConfig:
+    """Parsed flags -> SweepConfig; a swept field's flag given as well is refused (the space would win)."""
     rows = space_rows(tuple(args.space), args.lr_min, args.lr_max, tuple(args.batch_sizes) if args.batch_sizes is not None else None)
     given = flags_given(argv)
     for row in rows:
@@ -54,10 +58,16 @@ def parse_settings(argv: list[str] | None = None) -> SweepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_settings(argv)
+    # flags and the search space are checked here, before Ray or MLflow start
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    config = settings_from(args, argv)
     from tune.sweep import run_sweep
 
-    run_sweep(config)
+    # Ray's, Tune's and the trials' output goes to the log file; the console gets stage
+    # lines, a line per trial event and the results table
+    with console.session("sweep", console.log_dir_for(config.train.storage), verbose=args.verbose):
+        run_sweep(config)
     return 0
 
 
