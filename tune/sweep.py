@@ -552,7 +552,9 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
         use_gpu, data_resources = plan.use_gpu, plan.data
         concurrency = plan_concurrency(config, use_gpu)
         threads = trial_threads(config, plan, concurrency)
-        per_trial = replace(plan, threads_per_worker=threads).describe(train.num_workers)
+        # each trial decides this itself (run_trial); the probe's answer is the usual one
+        cached = streaming.should_cache_tokenized(probe, manifest, runtime.alive_node_count(), runtime.object_store_bytes() / concurrency)
+        per_trial = replace(plan, threads_per_worker=threads, tokenized_up_front=cached).describe(train.num_workers)
         console.stage("resources", f"{per_trial}; {concurrency} trial{'s' if concurrency > 1 else ''} at once")
         DataContext.get_current().enable_progress_bars = False
         sweep_name = config.sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
