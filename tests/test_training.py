@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import mlflow
-import mlflow.transformers
+import mlflow.pyfunc
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -133,11 +133,12 @@ def test_model_is_registered_promoted_and_loadable(first_run):
     assert str(champion.version) == outcome.registered_version
     assert champion.tags["gate.decision"] == "promoted"
     assert float(champion.tags[registry.ACCURACY_TAG]) == pytest.approx(outcome.metrics["test/accuracy"], abs=1e-6)
-    components = mlflow.transformers.load_model(f"models:/{config.register_as}@champion", return_type="components")
-    encoded = components["tokenizer"](["a wonderful film"], return_tensors="pt")
-    with torch.inference_mode():
-        logits = components["model"](**encoded).logits
-    assert logits.shape == (1, 2)
+    # the registered pyfunc carries the run's preprocessing and scored variants
+    assert {champion.tags[f"backend.{b}.usable"] for b in ("torch", "onnx", "onnx-int8")} <= {"true", "false"}
+    assert champion.tags["backend.torch.usable"] == "true" and champion.tags["backend.default"] in ("torch", "onnx", "onnx-int8")
+    answers = mlflow.pyfunc.load_model(f"models:/{config.register_as}@champion").predict(["a wonderful film", "<p>dull</p> " * 400])
+    assert list(answers["label"]) == [("negative", "positive")[i] for i in answers["label_id"]] and len(answers) == 2
+    assert answers[["probability_negative", "probability_positive"]].sum(axis=1).round(5).eq(1.0).all()
 
 
 @pytest.mark.slow

@@ -461,11 +461,12 @@ def _child_run_of(client: MlflowClient, context: SweepContext, trial_id: str) ->
 
 def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifest, best: dict, child_run_id: str, client: MlflowClient):
     register_as = config.train.register_as
+    trained = config.trial_config({name: best[name] for name in config.swept()}, f"train-{best['trial_id']}", manifest.root.uri)
     with mlflow.start_run(run_id=child_run_id, nested=True):
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-            model_info = tracking.log_model(str(best_model_folder(folder)), context.model_path, register_as)
+            model_info = tracking.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length, trained.truncation)
     version = str(model_info.registered_model_version)
     decision = registry.apply_gate(client, register_as, version, config.train.promote, float(best["test_accuracy"]), manifest.content_hash)
     return version, decision
