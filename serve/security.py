@@ -1,4 +1,4 @@
-"""API-key authentication for `/v1/*`.
+"""API-key authentication for `/v1/*` and `/v2/*` (the health probes `/v2/health/*` stay open).
 
 The key comes from the environment of the replica: `SERVE_API_KEY`, or a file named by
 `SERVE_API_KEY_FILE` (a mounted secret; the file wins when both are set), never from a
@@ -52,9 +52,9 @@ class ApiKeyGuard:
     def __init__(self, api_key: str | None):
         self._key = api_key.encode("utf-8") if api_key else None
         if api_key:
-            log.info("API key authentication on for /v1/* (key fingerprint %s)", fingerprint(api_key))
+            log.info("API key authentication on for /v1/* and /v2/* (key fingerprint %s)", fingerprint(api_key))
         else:
-            log.warning("no API key configured ($%s or $%s): /v1/* is open to anyone who can reach it", API_KEY_ENV, API_KEY_FILE_ENV)
+            log.warning("no API key configured ($%s or $%s): /v1/* and /v2/* are open to anyone who can reach them", API_KEY_ENV, API_KEY_FILE_ENV)
 
     @property
     def enabled(self) -> bool:
