@@ -105,6 +105,7 @@ class Bar:
         self.session = session
         self.pipe = session is not None and not session.interactive
         self.last_line = time.monotonic()
+        self.done_shown = False  # a finished bar is printed once, whoever prints it
         self.tqdm = tqdm(
             total=total,
             desc=desc,
@@ -141,6 +142,10 @@ class Bar:
 
     def _line(self) -> None:
         self.last_line = time.monotonic()
+        finished = self.tqdm.total is not None and self.tqdm.n >= self.tqdm.total
+        if finished and self.done_shown:
+            return
+        self.done_shown = finished
         say(str(self.tqdm))
 
 

@@ -56,7 +56,7 @@ class DataResources:
 
 
 @contextmanager
-def _file_list_reader():
+def file_list_reader():
     """Read Parquet through Ray Data's V1 datasource, which takes the file list as given.
 
     ray 2.60's default V2 path adds a ListFiles operator whose tasks reserve a whole
@@ -75,7 +75,7 @@ def _file_list_reader():
 def read_split(manifest: Manifest, split: str, resources: DataResources = DataResources()) -> ray.data.Dataset:
     """The split's shards as a lazy Dataset of {"text", "label"} rows."""
     paths = manifest.split_uris(split)
-    with _file_list_reader():
+    with file_list_reader():
         return ray.data.read_parquet(
             paths,
             filesystem=manifest.filesystem,

@@ -1,0 +1,151 @@
+"""One preprocessing everywhere: the registered pyfunc, batch prediction on Ray Data and the
+classifier itself give the same labels; batch output is atomic; evaluation is an MLflow run.
+
+A tiny model registered through the real registration path (ONNX export, int8 variant,
+scores as version tags) in a SQLite MLflow store; the shared local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.datasets import read_split_table
+from pipelines.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "batch-test"
+MAX_LENGTH = 48
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, sample_manifest, tiny_model_dir):
+    """(tracking URI, version) of the tiny model registered with max length 48, head+tail."""
+    store = tmp_path_factory.mktemp("batch-mlflow")
+    uri, _ = tracking.local_store(str(store))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run():
+        info = tracking.register_model(tiny_model_dir, tiny_model_dir, MODEL, sample_manifest, MAX_LENGTH, "head_tail")
+    return uri, str(info.registered_model_version)
+
+
+@pytest.fixture(scope="module")
+def review_texts(sample_manifest) -> list[str]:
+    """200 test reviews, a quarter wrapped in HTML markup, a quarter far longer than the max length."""
+    texts = read_split_table(sample_manifest, "test").column("text").to_pylist()[:200]
+    marked = [f"<p><b>{t}</b><br/>&amp; more</p>" if i % 4 == 1 else t for i, t in enumerate(texts)]
+    return [" ".join([t] * 20) if i % 4 == 2 else t for i, t in enumerate(marked)]
+
+
+def parquet_of(folder: Path, texts: list[str], labels: list[int] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = {"text": texts, **({"label": labels} if labels is not None else {})}
+    pq.write_table(pa.table(columns), folder / "part-0.parquet")
+    return folder
+
+
+@pytest.mark.timeout(600)
+def test_registration_scores_the_variants_as_version_tags(registered):
+    uri, version = registered
+    tags = MlflowClient(uri).get_model_version(MODEL, version).tags
+    for backend in ("torch", "onnx", "onnx-int8"):
+        assert 0.0 <= float(tags[f"backend.{backend}.accuracy"]) <= 1.0
+        assert 0.0 <= float(tags[f"backend.{backend}.agreement"]) <= 1.0
+        assert tags[f"backend.{backend}.usable"] in ("true", "false")
+    assert float(tags["backend.torch.agreement"]) == 1.0 and tags["backend.torch.usable"] == "true"
+    assert tags["backend.default"] in ("torch", "onnx", "onnx-int8") and tags[f"backend.{tags['backend.default']}.usable"] == "true"
+
+
+@pytest.mark.timeout(900)
+def test_pyfunc_batch_prediction_and_the_classifier_give_the_same_labels(registered, review_texts, tmp_path, ray_session):
+    from pipelines import batch_inference
+    from pipelines.inference import load_classifier_from
+
+    uri, version = registered
+    model = batch_inference.resolve_model(f"models:/{MODEL}/{version}", uri, "torch")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}").predict(review_texts, params={"backend": "torch"})
+    direct = load_classifier_from(batch_inference.download_model_folder(model, str(tmp_path / "dl")), "torch").predict(review_texts)
+    dataset = batch_inference.predictions(str(parquet_of(tmp_path / "in", review_texts)), model, batch_size=32)
+    batch = pa.concat_tables(list(batch_inference.iter_tables(dataset, len(review_texts), "test")))
+
+    assert batch.column("text").to_pylist() == review_texts  # order kept, every row once
+    assert list(pyfunc["label"]) == [p["label"] for p in direct] == batch.column("predicted_label").to_pylist()
+    np.testing.assert_allclose(pyfunc["probability_positive"], batch.column("probability_positive").to_numpy(), atol=1e-5)
+    # the preprocessing really ran: markup changes nothing once cleaned, and a long text is cut to the max length
+    from pipelines.inference import TextEncoder
+
+    encoder = load_classifier_from(batch_inference.download_model_folder(model, str(tmp_path / "dl2")), "torch").encoder
+    assert isinstance(encoder, TextEncoder)
+    assert encoder.token_ids(["<b>Great</b> film &amp; cast"]) == encoder.token_ids(["Great film & cast"])
+    assert max(len(ids) for ids in encoder.token_ids(review_texts)) == MAX_LENGTH
+
+
+@pytest.mark.timeout(900)
+def test_predict_writes_its_output_whole_or_not_at_all(registered, review_texts, tmp_path, ray_session):
+    from pipelines.predict import PredictConfig, run_predict
+
+    uri, version = registered
+    source = parquet_of(tmp_path / "in", review_texts[:60])
+    output = tmp_path / "scored"
+    config = PredictConfig(input=str(source), output=str(output), model=f"models:/{MODEL}/{version}", tracking_uri=uri, batch_size=16)
+    assert run_predict(config) == (60, 1)
+    scored = pq.read_table(output)
+    assert scored.num_rows == 60 and {"text", "predicted_label", "predicted_label_id", "score", "probability_positive"} <= set(scored.column_names)
+    assert (output / "_SUCCESS").exists()
+    with pytest.raises(ConfigError, match="exists already"):
+        run_predict(config)
+
+    # a damaged input fails the run: the earlier result stays as it was, and no staging folder is left
+    (source / "part-1.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    with pytest.raises(Exception):
+        run_predict(PredictConfig(**{**config.__dict__, "overwrite": True}))
+    assert pq.read_table(output).num_rows == 60
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    with pytest.raises(DataError, match="no column 'review'"):
+        run_predict(PredictConfig(**{**config.__dict__, "input": str(parquet_of(tmp_path / "in2", ["x"])), "text_column": "review", "overwrite": True}))
+
+
+@pytest.mark.timeout(900)
+def test_evaluate_logs_a_run_against_the_model_version(registered, review_texts, tmp_path, ray_session):
+    from pipelines.evaluate import EvaluateConfig, run_evaluation
+
+    uri, version = registered
+    labels = [i % 2 for i in range(80)]
+    data = parquet_of(tmp_path / "labelled", review_texts[:80], labels)
+    outcome = run_evaluation(EvaluateConfig(model=f"models:/{MODEL}/{version}", data=str(data / "part-0.parquet"), tracking_uri=uri, backend="torch"))
+
+    predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}").predict(review_texts[:80], params={"backend": "torch"})["label_id"]
+    expected_accuracy = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
+    client = MlflowClient(uri)
+    run = client.get_run(outcome.run_id)
+    assert run.data.metrics["eval/accuracy"] == pytest.approx(expected_accuracy)
+    assert run.data.metrics["eval/rows"] == 80
+    assert run.data.tags["model_version"] == version and run.data.params["model_uri"] == f"models:/{MODEL}/{version}"
+    pictures = {a.path for a in client.list_artifacts(outcome.run_id, "pictures")}
+    assert {"pictures/confusion_matrix.png", "pictures/roc_pr_curves.png"} <= pictures
+    assert client.get_model_version(MODEL, version).tags["evaluation.last_run"] == outcome.run_id
+
+
+@pytest.mark.timeout(120)
+def test_predict_cli_refuses_an_unknown_model_in_one_line(tmp_path):
+    storage = tmp_path / "storage"
+    source = parquet_of(tmp_path / "in", ["a review"])
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.predict", "--model", "models:/nothing-here@champion", "--input", str(source),
+         "--output", str(tmp_path / "out"), "--storage", str(storage)],
+        cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0].startswith("error: --model models:/nothing-here@champion: not found"), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
