@@ -5,15 +5,33 @@
     serve run serve.app:app_builder model_version=3
     python -m serve.app [--model-version 3] [--port 8000] ...   # local Ray + Serve, blocks
 
-One deployment, `SentimentClassifier`, is the FastAPI ingress. Each replica:
-- loads `models:/<name>@<alias>` (or a pinned version) once, warm, before it reports ready
-  (the load happens in `reconfigure`, which Serve runs before the replica takes traffic);
-- batches texts from concurrent requests with `@serve.batch` and runs each batch on one
-  inference thread, so the event loop keeps accepting requests while the model computes;
-- follows the alias: every `poll_interval_s` it asks the registry where the alias points
-  and, if it moved, loads and warms the new version beside the old, then swaps one
-  reference (serve/model_store.py). A new `user_config` (`serve deploy`) does the same
-  in place. Either way no request fails and later answers name the new version.
+Two deployments in one application:
+
+- `SentimentIngress` (the HTTP ingress; 1 replica of 0.1 CPU, no torch): the FastAPI app of
+  serve/http_api.py, so API key, Content-Type, body size and input limits are checked at
+  the door. It sends each valid request to the model deployment through a
+  DeploymentHandle and, when the model replica running it dies (`kill -9`, OOM, a lost
+  node), re-sends it to another one: at most `RetryPolicy.max_attempts` tries, with a
+  short back-off, and none once the request is older than the proxy's timeout. A
+  prediction is idempotent, so a re-run is safe; an error raised by the model itself is
+  never retried. The client sees a slower answer, not an error. `/readyz` and `/v1/model`
+  answer from a cache of the model deployment's status (model version, user_config),
+  refreshed every few seconds while traffic flows and at once when an answer names
+  another version, so hot swaps show up there too.
+- `SentimentClassifier` (the model; autoscaled, 0.5 CPU each, the ScalingSettings apply
+  here). Each replica:
+  - loads `models:/<name>@<alias>` (or a pinned version) once, warm, before it reports ready
+    (the load happens in `reconfigure`, which Serve runs before the replica takes traffic);
+  - batches texts from concurrent requests with `@serve.batch` and runs each batch on one
+    inference thread, so the event loop keeps accepting requests while the model computes;
+  - follows the alias: every `poll_interval_s` it asks the registry where the alias points
+    and, if it moved, loads and warms the new version beside the old, then swaps one
+    reference (serve/model_store.py). A new `user_config` (`serve deploy`) does the same
+    in place. Either way no request fails and later answers name the new version.
+
+The user_config (serve/settings.py ServingConfig) belongs to the model deployment; the
+ingress takes its request limits from the model's status, so one `serve deploy` changes both.
+Settings and the API key are checked in the driver before anything is deployed.
 """
 
 from __future__ import annotations
@@ -23,24 +41,64 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
+from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
 
+from pipelines.errors import ConfigError
 from serve.http_api import build_http_app
-from serve.metrics import ServingMetrics
-from serve.model_store import ModelSelector, ModelStore, torch_threads_for
-from serve.schemas import RequestLimits
+from serve.metrics import IngressMetrics, ServingMetrics
+from serve.schemas import RequestError, RequestLimits
 from serve.security import ApiKeyGuard, load_api_key
 from serve.settings import API_KEY_ENV, API_KEY_FILE_ENV, ModelSource, ScalingSettings, ServingConfig, split_app_args
 
-log = logging.getLogger("ray.serve")  # Serve routes this logger into the replica's log file
-DEPLOYMENT_NAME = "SentimentClassifier"
-APP_NAME = "imdb-sentiment"
-IDLE_POLL_S = 5.0  # how often a replica with polling off re-reads its settings
+if TYPE_CHECKING:  # serve.model_store imports torch: only model replicas (and the driver's check) load it
+    from serve.model_store import ModelSelector
 
+log = logging.getLogger("ray.serve")  # Serve routes this logger into the replica's log file
+DEPLOYMENT_NAME = "SentimentClassifier"  # the model deployment (replicas, autoscaling, user_config)
+INGRESS_NAME = "SentimentIngress"
+APP_NAME = "imdb-sentiment"
+IDLE_POLL_S = 5.0  # how often a model replica with polling off re-reads its settings
+STATUS_REFRESH_S = 2.0  # how stale the ingress's copy of the model status may get while traffic flows
+FIRST_STATUS_TIMEOUT_S = 300.0  # an ingress replica waits this long for the model before it reports ready anyway
+# What a DeploymentHandle raises when the replica running a request is gone: ActorDiedError
+# (the process died: kill -9, OOM) and ActorUnavailableError (unreachable; it may come back)
+# are both RayActorError; ReplicaUnavailableError is Serve's own. Anything else (an
+# exception the model raised, a cancelled request) is not a dead replica and is not retried.
+REPLICA_GONE_ERRORS = (RayActorError, ReplicaUnavailableError)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the ingress re-sends a prediction whose model replica died."""
+
+    max_attempts: int = 3  # 1 try + 2 retries: a second death in a row means something bigger is wrong
+    backoff_s: float = 0.05  # before the first retry; doubles each time (the router needs a moment to drop the dead replica)
+    budget_s: float = 30.0  # no retry starts after this many seconds since the request arrived (the proxy's request_timeout_s)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff_s < 0 or self.budget_s <= 0:
+            raise ConfigError(f"retry policy out of range: {self}")
+
+    def delay_s(self, attempt: int) -> float:
+        """The pause after failed attempt number `attempt` (1-based)."""
+        return self.backoff_s * 2 ** (attempt - 1)
+
+
+def limits_of(serving: ServingConfig) -> RequestLimits:
+    return RequestLimits(serving.max_texts, serving.max_text_chars, serving.max_body_bytes)
+
+
+# --- the model deployment -------------------------------------------------------------
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,
@@ -58,22 +116,21 @@ IDLE_POLL_S = 5.0  # how often a replica with polling off re-reads its settings
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
 )
-@serve.ingress()
 class SentimentClassifier:
-    """A replica: model store + batcher + registry follower; HTTP comes from serve/http_api.py."""
+    """A model replica: model store + batcher + registry follower. Called by the ingress only."""
 
     def __init__(self, source: dict):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from transformers.utils import logging as hf_logging
 
+        from serve.model_store import ModelStore
+
         hf_logging.disable_progress_bar()
         self.source = ModelSource(**source)
         self.metrics = ServingMetrics()
-        self.guard = ApiKeyGuard(load_api_key())
         self.store = ModelStore(self.source.storage, self.source.tracking_uri)
         self.serving = ServingConfig()
-        self._limits = self._limits_of(self.serving)
         self._selector: ModelSelector | None = None
         self._last_error: str | None = None  # the last failed switch, until one succeeds
         # Torch runs on this one thread: batches never overlap, and the event loop stays
@@ -87,18 +144,17 @@ class SentimentClassifier:
         self._swap_lock = asyncio.Lock()
         self._poller = asyncio.get_running_loop().create_task(self._follow_registry())
 
-    def __serve_build_asgi_app__(self):
-        return build_http_app(self)
-
     # --- configuration (user_config) ------------------------------------------------
 
     async def reconfigure(self, user_config: dict) -> None:
+        from serve.model_store import ModelSelector
+
         serving = ServingConfig.from_user_config(user_config)
         selector = ModelSelector(self.source.model_name, alias=serving.model_alias, version=serving.model_version)
         self._classify.set_max_batch_size(serving.max_batch_size)
         self._classify.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
         await self._set_threads(serving.num_threads)
-        self.serving, self._limits = serving, self._limits_of(serving)
+        self.serving = serving
         if self.store.current is None:
             await self._swap(selector)  # nothing to fall back on: a failure fails the replica's start
             self._selector = selector
@@ -110,13 +166,11 @@ class SentimentClassifier:
                 return
             self._selector = selector
 
-    @staticmethod
-    def _limits_of(serving: ServingConfig) -> RequestLimits:
-        return RequestLimits(serving.max_texts, serving.max_text_chars, serving.max_body_bytes)
-
     async def _set_threads(self, num_threads: int | None) -> None:
         import ray
         import torch
+
+        from serve.model_store import torch_threads_for
 
         threads = num_threads or torch_threads_for(ray.get_runtime_context().get_assigned_resources().get("CPU"))
         # torch's thread count is per OS thread once that thread has run an op: set it
@@ -162,10 +216,7 @@ class SentimentClassifier:
         if self._poller.done():
             raise RuntimeError(f"the registry poller stopped: {self._poller.exception()!r}")
 
-    # --- what the HTTP layer calls (serve/http_api.Backend) -------------------------
-
-    def limits(self) -> RequestLimits:
-        return self._limits
+    # --- what the ingress calls (through its DeploymentHandle) ----------------------
 
     def model_info(self) -> dict | None:
         current = self.store.current
@@ -174,8 +225,9 @@ class SentimentClassifier:
         selector = self._selector.uri if self._selector else f"models:/{current.name}/{current.version}"
         return {**current.describe(), "selector": selector, "last_error": self._last_error}
 
-    def record_rejection(self, reason: str) -> None:
-        self.metrics.record_rejection(reason)
+    async def status(self) -> dict:
+        """What the ingress caches: the model this replica serves and its user_config (the limits)."""
+        return {"model": self.model_info(), "serving": self.serving.as_user_config()}
 
     async def predict(self, texts: list[str]) -> list[dict]:
         await self._batch_idle.wait()
@@ -196,19 +248,174 @@ class SentimentClassifier:
         return predictions
 
 
+# --- the ingress deployment -----------------------------------------------------------
+
+@serve.deployment(
+    name=INGRESS_NAME,
+    num_replicas=1,  # it only parses, checks and forwards; 2 on a cluster so that losing one node leaves one
+    ray_actor_options={"num_cpus": 0.1},
+    # requests waiting for a model replica wait here (cheap coroutines, bodies <= max_body_bytes);
+    # Serve's default of 5 would starve the model's batches
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress()
+class SentimentIngress:
+    """The HTTP door (serve/http_api.Backend): checks requests, forwards predictions, retries lost ones."""
+
+    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict):
+        self.model = model
+        self.retry = RetryPolicy(**retry)
+        self.guard = ApiKeyGuard(load_api_key())
+        self.metrics = IngressMetrics()
+        self._limits = limits_of(ServingConfig.from_user_config(serving))  # until the model says otherwise
+        self._model_info: dict | None = None
+        self._wanted = False  # a request came in since the last refresh: the cache is worth refreshing
+        self._wake = asyncio.Event()  # an answer named another model version: refresh now
+        self._status_error: str | None = None
+        self._retry_counts: Counter[str] = Counter()  # retried_requests, retries, gave_up
+        try:
+            # ready only once the model answers, so /readyz and /v1/model work as soon as serve.run returns
+            await asyncio.wait_for(self._refresh(), FIRST_STATUS_TIMEOUT_S)
+        except Exception as exc:  # the model is slow or failing: serve anyway, the follower keeps asking
+            log.warning("no status from the model deployment yet (%r); /readyz says 503 until it answers", exc)
+        self._follower = asyncio.get_running_loop().create_task(self._follow_model())
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self)
+
+    # --- the cached model status ----------------------------------------------------
+
+    async def _refresh(self) -> None:
+        status = await self.model.status.remote()
+        self._model_info = status["model"]
+        self._limits = limits_of(ServingConfig.from_user_config(status["serving"]))
+        self._status_error = None
+
+    async def _follow_model(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), STATUS_REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            # no traffic, no calls: a model deployment with min_replicas 0 may scale to zero
+            if not (self._wanted or self._model_info is None):
+                continue
+            self._wanted = False
+            try:
+                await self._refresh()
+            except Exception as exc:  # a replica died or restarts: ask again next round
+                if repr(exc) != self._status_error:
+                    log.warning("could not refresh the model status: %r", exc)
+                self._status_error = repr(exc)
+
+    def check_health(self) -> None:
+        if self._follower.done():
+            raise RuntimeError(f"the model-status follower stopped: {self._follower.exception()!r}")
+
+    def retry_stats(self) -> dict[str, int]:
+        """How many predictions this replica re-sent after a model replica died (the kill scenario reads it)."""
+        return {"retried_requests": 0, "retries": 0, "gave_up": 0, **self._retry_counts}
+
+    # --- what the HTTP layer calls (serve/http_api.Backend) -------------------------
+
+    def limits(self) -> RequestLimits:
+        return self._limits
+
+    def model_info(self) -> dict | None:
+        self._wanted = True
+        return self._model_info
+
+    def record_rejection(self, reason: str) -> None:
+        self.metrics.record_rejection(reason)
+
+    async def predict(self, texts: list[str]) -> list[dict]:
+        self._wanted = True
+        try:
+            predictions = await send_with_retries(lambda: self.model.predict.remote(texts), self.retry, self._on_retry)
+        except RequestError:
+            self._retry_counts["gave_up"] += 1
+            raise
+        info = self._model_info
+        if info is None or any(p["model_version"] != info["version"] for p in predictions):
+            self._wake.set()  # a hot swap (or a replica on another version): refresh /v1/model now
+        return predictions
+
+    def _on_retry(self, error: str, attempt: int) -> None:
+        self.metrics.record_retry(error)
+        self._retry_counts["retries"] += 1
+        if attempt == 1:
+            self._retry_counts["retried_requests"] += 1
+
+
+async def send_with_retries(send: Callable[[], Awaitable[T]], policy: RetryPolicy, on_retry: Callable[[str, int], None] | None = None) -> T:
+    """`await send()`, sending again while the replica that ran it died: bounded by `policy`.
+
+    `on_retry(error class name, failed attempt number)` runs before each re-send. When the
+    attempts or the time budget run out, raises RequestError(503, "model_unavailable").
+    """
+    arrived = time.monotonic()
+    attempt = 1
+    while True:
+        try:
+            return await send()
+        except REPLICA_GONE_ERRORS as exc:
+            error = type(exc).__name__
+            delay = policy.delay_s(attempt)
+            if attempt >= policy.max_attempts or time.monotonic() - arrived + delay > policy.budget_s:
+                log.error("model replica lost on attempt %d of %d (%s); answering 503", attempt, policy.max_attempts, error)
+                raise RequestError(
+                    503, "model_unavailable", f"the model replica answering this request died ({error}), {attempt} time(s); try again"
+                ) from exc
+            log.warning("model replica died while answering (%s); re-sending, attempt %d of %d", error, attempt + 1, policy.max_attempts)
+            if on_retry is not None:
+                on_retry(error, attempt)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
 # --- building the application -------------------------------------------------------
 
-def build_app(source: ModelSource, serving: ServingConfig, **deployment_options) -> Application:
-    """The bound application; `deployment_options` override the decorator's (replicas, resources...)."""
+def check_api_key(ingress_options: dict | None = None) -> None:
+    """Raise ConfigError now, in the driver, if the ingress would refuse its API key.
+
+    The ingress reads the key from its own environment: this process's, plus any
+    `runtime_env.env_vars` given to it here. A bad key found only in a replica fails
+    the deployment with Ray's traceback and the reason in the controller's log.
+    """
+    runtime_env = ((ingress_options or {}).get("ray_actor_options") or {}).get("runtime_env") or {}
+    load_api_key({**os.environ, **(runtime_env.get("env_vars") or {})})
+
+
+def build_app(
+    source: ModelSource,
+    serving: ServingConfig,
+    *,
+    retry: RetryPolicy | None = None,
+    ingress_options: dict[str, Any] | None = None,
+    **deployment_options,
+) -> Application:
+    """The bound application: ingress -> model.
+
+    `deployment_options` override the model deployment's decorator options (replicas,
+    autoscaling, resources...), `ingress_options` the ingress's (its runtime_env is where
+    an API key for it goes in tests).
+    """
+    check_api_key(ingress_options)
     if source.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
         # resolved here, on the driver, so replicas use the same store wherever they run
         source = ModelSource(source.model_name, source.storage, os.environ["MLFLOW_TRACKING_URI"])
-    deployment = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options)
-    return deployment.bind(asdict(source))
+    model = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
+    ingress = SentimentIngress.options(**(ingress_options or {}))
+    return ingress.bind(model, serving.as_user_config(), asdict(retry or RetryPolicy()))
 
 
 def check_model_exists(source: ModelSource, serving: ServingConfig) -> str:
     """Fail on the driver, with a message, rather than in crash-looping replicas; returns the version."""
+    from serve.model_store import ModelSelector, ModelStore
+
     store = ModelStore(source.storage, source.tracking_uri)
     selector = ModelSelector(source.model_name, alias=serving.model_alias, version=serving.model_version)
     return str(store.resolve(selector).version)
@@ -217,6 +424,7 @@ def check_model_exists(source: ModelSource, serving: ServingConfig) -> str:
 def app_builder(args: dict | None = None) -> Application:
     """`import_path: serve.app:app_builder` (config.yaml `args:` -> ModelSource + ServingConfig keys)."""
     source, serving = split_app_args(args)
+    check_api_key()
     check_model_exists(source, serving)
     return build_app(source, serving)
 
@@ -246,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's output on the console too (it always goes to the log file)")
     args = parser.parse_args(argv)
     source, serving, scaling = (from_namespace(cls, args) for cls in (ModelSource, ServingConfig, ScalingSettings))
+    # before Ray starts: a bad key or setting is one line and exit 2, not a failed deployment
+    check_api_key()
+    if not args.request_timeout_s > 0:
+        raise ConfigError(f"--request-timeout-s must be positive, got {args.request_timeout_s}")
+    retry = RetryPolicy(budget_s=args.request_timeout_s)  # a retry after the proxy's 408 would help no one
 
     from pipelines import console
 
@@ -260,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
         )
         try:
-            serve.run(build_app(source, serving, **scaling.deployment_options()), name=args.app_name, route_prefix=args.route_prefix)
+            app = build_app(source, serving, retry=retry, **scaling.deployment_options())
+            serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
             for line in ready_lines(args.host, args.port, args.route_prefix, f"models:/{source.model_name}/{version}"):
                 console.say(line)
             while True:

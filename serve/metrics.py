@@ -2,7 +2,9 @@
 
 Built with `ray.serve.metrics`, which adds the deployment, replica and application tags;
 Ray exports them with a `ray_` prefix (and `_total` on counters) on each node's metrics
-port, which Prometheus scrapes. Created once per replica; updated once per batch.
+port, which Prometheus scrapes. `ServingMetrics` lives in each model replica (updated
+once per batch), `IngressMetrics` in each ingress replica (updated per refused or
+retried request).
 
 | exported as | type | tags | what it answers |
 |---|---|---|---|
@@ -12,7 +14,8 @@ port, which Prometheus scrapes. Created once per replica; updated once per batch
 | ray_imdb_model_version | gauge | model_name | the version each replica serves now (rollouts) |
 | ray_imdb_model_swaps_total | counter | model_name | how many hot swaps happened |
 | ray_imdb_registry_errors_total | counter | | failed registry checks or loads (the old model keeps serving) |
-| ray_imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies |
+| ray_imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies, model unavailable |
+| ray_imdb_request_retries_total | counter | error | predictions re-sent because the model replica running them died |
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ class ServingMetrics:
         self.model_version = Gauge("imdb_model_version", description="Registered model version this replica serves.", tag_keys=("model_name",))
         self.swaps = Counter("imdb_model_swaps", description="Hot swaps to another model version.", tag_keys=("model_name",))
         self.registry_errors = Counter("imdb_registry_errors", description="Failed registry checks or model loads.")
-        self.rejected = Counter("imdb_rejected_requests", description="Requests refused, by reason.", tag_keys=("reason",))
 
     def record_batch(self, predictions: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(predictions))
@@ -50,5 +52,18 @@ class ServingMetrics:
         if swapped:
             self.swaps.inc(tags={"model_name": name})
 
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.rejected = Counter("imdb_rejected_requests", description="Requests refused, by reason.", tag_keys=("reason",))
+        self.retries = Counter(
+            "imdb_request_retries",
+            description="Predictions re-sent to another model replica because the one running them died, by Ray error.",
+            tag_keys=("error",),
+        )
+
     def record_rejection(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})
+
+    def record_retry(self, error: str) -> None:
+        self.retries.inc(tags={"error": error})

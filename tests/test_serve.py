@@ -1,14 +1,19 @@
 """The Serve endpoint for real: a tiny model registered in a SQLite MLflow store, served by
 Ray Serve on 127.0.0.1, called over HTTP.
 
-One app (1 replica, API key on, alias polled every second) is deployed once for the module;
-the autoscaling test deploys a second, small app beside it. The rollout test moves the
-alias and must come last: the others expect version 1.
+One app (the ingress and 1 model replica, API key on, alias polled every second) is deployed
+once for the module; the autoscaling test deploys a second, small app beside it. The rollout
+test moves the alias and must come last: the others expect version 1. The kill -9 of a model
+replica under load is tests/test_multinode.py's (a scenario in its own Ray).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +95,11 @@ def key_env(tmp_path_factory) -> dict:
     return {"SERVE_API_KEY_FILE": str(key_file)}
 
 
+def ingress_options(key_env: dict) -> dict:
+    """The API key is the ingress's: it checks it at the door."""
+    return {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": key_env}}}
+
+
 @pytest.fixture(scope="module")
 def app_url(registry, serve_url, key_env):
     from ray import serve
@@ -100,9 +110,10 @@ def app_url(registry, serve_url, key_env):
     app = build_app(
         registry["source"],
         serving,
+        ingress_options=ingress_options(key_env),
         num_replicas=1,
         autoscaling_config=None,
-        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": key_env}},
+        ray_actor_options={"num_cpus": 0.5},
     )
     serve.run(app, name=APP, route_prefix="/")
     yield serve_url
@@ -129,8 +140,14 @@ def test_config_yaml_is_a_valid_serve_config():
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serve.app:app_builder"
-    deployment = app.deployments[0]
-    assert deployment.name == "SentimentClassifier"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"SentimentIngress", "SentimentClassifier"}, "the two deployments of serve/app.py"
+    ingress = deployments["SentimentIngress"]
+    assert ingress.ray_actor_options.num_cpus <= 0.25 and ingress.num_replicas >= 1
+    assert ingress.max_ongoing_requests >= 64, "requests waiting for the model wait in the ingress"
+    raw_ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "SentimentIngress")
+    assert "user_config" not in raw_ingress, "user_config belongs to the model deployment"
+    deployment = deployments["SentimentClassifier"]
     assert deployment.ray_actor_options.num_cpus == 0.5
     scaling = dict(deployment.autoscaling_config)
     assert scaling["min_replicas"] < scaling["max_replicas"]
@@ -181,6 +198,99 @@ def test_api_key_comes_from_env_or_file_and_is_checked(tmp_path):
     assert "Bearer" in guard.problem(f"Basic {API_KEY}")
     assert guard.problem("Bearer wrong") == "invalid API key"
     assert ApiKeyGuard(None).problem(None) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_api_key_fails_in_the_driver_before_anything_is_deployed(monkeypatch, tmp_path):
+    from pipelines.errors import ConfigError
+    from serve.app import app_builder, build_app
+
+    monkeypatch.delenv("SERVE_API_KEY_FILE", raising=False)
+    monkeypatch.setenv("SERVE_API_KEY", "short")
+    with pytest.raises(ConfigError, match="at least 16"):
+        app_builder({"model_name": MODEL_NAME, "storage": str(tmp_path)})  # before the registry is read
+    monkeypatch.delenv("SERVE_API_KEY")
+    # the key the ingress will get through its runtime_env is checked too
+    missing = {"SERVE_API_KEY_FILE": str(tmp_path / "no-such-key")}
+    with pytest.raises(ConfigError, match="cannot read the API key file"):
+        build_app(ModelSource(MODEL_NAME, str(tmp_path)), ServingConfig(), ingress_options=ingress_options(missing))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"SERVE_API_KEY": "short"}, [], "error: the API key is 5 characters; use at least 16"),
+        ({}, ["--max-batch-size", "0"], "error: max_batch_size=0 is out of range"),
+    ],
+    ids=["short key", "bad setting"],
+)
+def test_serve_app_fails_fast_with_one_line_before_starting_ray(tmp_path, env, args, message):
+    """What `python -m serve.app` says about a bad key or setting: one line, exit 2, no Ray, no traceback."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("SERVE_API_KEY", "SERVE_API_KEY_FILE", "RAY_ADDRESS")}
+    environ.update(env, PLATFORM_STORAGE=str(tmp_path))
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.app", "--port", str(free_port()), *args],
+        cwd=REPO, env=environ, capture_output=True, text=True, timeout=100,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout == "", "no console session (its log line) and no Ray: it stopped before both"
+    assert not (tmp_path / "logs").exists()
+    print(f"failed in {elapsed:.1f}s (mostly imports)")
+
+
+@pytest.mark.timeout(60)
+def test_ingress_resends_a_prediction_only_when_the_replica_died():
+    """send_with_retries: a dead replica -> re-send (bounded, backing off); any other error -> at once."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    from serve.app import RetryPolicy, send_with_retries
+    from serve.schemas import RequestError
+
+    def sender(*failures):
+        calls = []
+
+        async def send():
+            calls.append(time.monotonic())
+            if len(calls) <= len(failures):
+                raise failures[len(calls) - 1]
+            return ["answer"]
+
+        return send, calls
+
+    policy = RetryPolicy(max_attempts=3, backoff_s=0.01, budget_s=10)
+    retried = []
+    on_retry = lambda error, attempt: retried.append((error, attempt))  # noqa: E731
+    send, calls = sender(ActorDiedError(), ActorUnavailableError("gone", b"\0" * 16))
+    assert asyncio.run(send_with_retries(send, policy, on_retry)) == ["answer"]
+    assert len(calls) == 3 and retried == [("ActorDiedError", 1), ("ActorUnavailableError", 2)]
+    assert calls[2] - calls[1] >= 0.02, "the back-off doubles"
+
+    send, calls = sender(ReplicaUnavailableError("r1"), ActorDiedError(), ActorDiedError())
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(send_with_retries(send, policy))
+    assert len(calls) == 3, "at most max_attempts sends"
+    assert (caught.value.status, caught.value.code) == (503, "model_unavailable")
+
+    # an error of the model itself (it reached a live replica) is never re-sent
+    model_error = RayTaskError("predict", "traceback", ValueError("bad")).as_instanceof_cause()
+    for error in (model_error, ValueError("bad"), RequestError(422, "empty_text", "empty")):
+        send, calls = sender(error)
+        with pytest.raises(type(error)):
+            asyncio.run(send_with_retries(send, policy))
+        assert len(calls) == 1
+
+    # no re-send once the request is older than the budget (the proxy would answer 408 anyway)
+    send, calls = sender(ActorDiedError())
+    with pytest.raises(RequestError):
+        asyncio.run(send_with_retries(send, RetryPolicy(max_attempts=3, backoff_s=1.0, budget_s=0.5)))
+    assert len(calls) == 1
 
 
 @pytest.mark.timeout(120)
@@ -374,6 +484,7 @@ def test_replicas_scale_up_under_load_and_back_down(registry, serve_url, key_env
     app = build_app(
         registry["source"],
         serving,
+        ingress_options=ingress_options(key_env),
         max_ongoing_requests=4,
         autoscaling_config={
             "min_replicas": 1,
@@ -384,7 +495,7 @@ def test_replicas_scale_up_under_load_and_back_down(registry, serve_url, key_env
             "look_back_period_s": 2,
             "metrics_interval_s": 0.5,
         },
-        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": key_env}},
+        ray_actor_options={"num_cpus": 0.5},
     )
     serve.run(app, name=AUTOSCALE_APP, route_prefix="/autoscale")
     assert _running_replicas(AUTOSCALE_APP) == 1

@@ -1,20 +1,19 @@
-"""Kill a Serve replica under steady load; the load generator must see no failed request.
+"""Kill -9 a model replica under steady load; a plain client must see no failed request.
 
-    python tests/scenarios/serve_replica_kill.py WORKDIR [--clients 4] [--retries 3]
+    python tests/scenarios/serve_replica_kill.py WORKDIR [--clients 8] [--retries 0]
 
-A tiny model registered in a SQLite MLflow store, the app of serve/app.py with 2 fixed
-replicas on a local Ray, and closed-loop HTTP clients (each sends a review, waits for the
-answer, sends the next) for the whole run. After a warm-up one replica actor is killed
-with `ray.kill` (no restart: as if its process died); Serve's controller notices and
-starts a replacement. Load continues until the deployment is back to 2 running replicas
-and a few seconds more.
+A tiny model registered in a SQLite MLflow store, the app of serve/app.py (the ingress
+and 2 fixed model replicas) on a local Ray, and closed-loop HTTP clients (each sends a
+review, waits for the answer, sends the next) for the whole run. After a warm-up one
+model replica's process gets SIGKILL, as `kill -9 <pid>` would (the PID from Ray's State
+API): the requests it was running die with it. Serve's controller notices and starts a
+replacement. Load continues until the deployment is back to 2 running model replicas and
+a few seconds more.
 
-The clients are production clients: Serve does not re-run a request whose replica dies
-while executing it (the proxy answers 500), and Ray's guidance is end-to-end client
-retries with back-off on 5xx and transport errors. Each client retries such an answer at
-most `--retries` times (predictions are idempotent); 4xx answers are never retried. A
-failed request is one without a 200 after its retries. The result also counts the
-requests that needed a retry: only those the kill caught in flight should.
+The clients do not retry (`--retries 0`, the default): the ingress re-sends a prediction
+whose model replica died to another replica, so a failed request is any answer but a 200.
+The result also gives the ingress's own count of re-sent requests (`internal_retries`):
+the requests the kill caught in flight.
 
 Prints one `SCENARIO_RESULT {json}` line.
 """
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,7 +34,8 @@ import _scenario  # noqa: E402  (the scenario folder is not a package)
 
 APP = "replica-kill"
 MODEL_NAME = "tiny-serve-kill"
-DEPLOYMENT = "SentimentClassifier"
+DEPLOYMENT = "SentimentClassifier"  # the model deployment (serve.app.DEPLOYMENT_NAME)
+INGRESS = "SentimentIngress"
 REVIEWS = [
     "A moving story with wonderful acting and a score I still hum.",
     "Dull, predictable and far too long; I checked my watch twice.",
@@ -71,7 +72,7 @@ def register_tiny_model(storage: Path, model_dir: str) -> str:
 
 
 class LoadGenerator:
-    """Closed-loop clients that retry 5xx and transport errors; every request's outcome is kept."""
+    """Closed-loop clients (retrying 5xx and transport errors only if asked); every request's outcome is kept."""
 
     def __init__(self, base_url: str, clients: int, retries: int):
         self.base_url, self.clients, self.retries = base_url, clients, retries
@@ -128,6 +129,7 @@ class LoadGenerator:
 
 
 def alive_replicas() -> list:
+    """The model deployment's live replica actors (each with its actor_id, name and pid)."""
     from ray.util.state import list_actors
 
     return list_actors(
@@ -147,8 +149,8 @@ def running_replicas() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--retries", type=int, default=3, help="retries of a 5xx or transport error per request")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--retries", type=int, default=0, help="client retries of a 5xx or transport error per request (0: a plain client)")
     parser.add_argument("--warmup-s", type=float, default=4.0)
     parser.add_argument("--after-recovery-s", type=float, default=4.0)
     args = parser.parse_args(argv)
@@ -179,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         app = build_app(
             ModelSource(MODEL_NAME, str(storage), tracking_uri),
-            ServingConfig(poll_interval_s=0, batch_wait_timeout_s=0.01),
+            # The tiny model answers a batch in ~15 ms, and a request is only lost once its
+            # replica accepted it: a 1 s batch wait (the ~4 requests each replica holds never fill
+            # a batch of 8) keeps accepted requests on every replica, as a real model's long
+            # batches do, so the kill catches some. After the kill one replica gets all 8 clients:
+            # full batches, no wait.
+            ServingConfig(poll_interval_s=0, max_batch_size=8, batch_wait_timeout_s=1.0),
             num_replicas=2,
             autoscaling_config=None,
             ray_actor_options={"num_cpus": 0.5},
@@ -196,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
         victim = alive_replicas()[0]
         killed_at = time.monotonic()
-        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
-        print(f"[scenario] killed replica actor {victim.actor_id} ({victim.name})", flush=True)
+        os.kill(victim.pid, signal.SIGKILL)  # kill -9: no graceful shutdown, in-flight requests die with it
+        print(f"[scenario] kill -9 {victim.pid}: model replica actor {victim.actor_id} ({victim.name})", flush=True)
         # recovered: 2 running replicas, the dead one gone from them
         _scenario.wait_for(
             lambda: running_replicas() == 2 and len(alive := {a.actor_id for a in alive_replicas()}) == 2 and victim.actor_id not in alive,
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.after_recovery_s)
         load.join()
         after = {a.actor_id for a in alive_replicas()}
+        internal = serve.get_deployment_handle(INGRESS, APP).retry_stats.remote().result(timeout_s=60)
 
         outcomes = load.outcomes
         failed = [o for o in outcomes if not o["ok"]]
@@ -225,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             retried_requests=len(retried),
             retried_after_kill=sum(1 for o in retried if o["end"] >= killed_at),
             attempt_errors=dict(error_kinds),
+            internal_retries=internal,
             killed_replica=victim.actor_id,
+            killed_pid=victim.pid,
             replicas_before=sorted(before),
             replicas_after=sorted(after),
             recovery_s=round(recovered_at - killed_at, 1),
