@@ -154,11 +154,13 @@ class SentimentClassifier:
         self._classify.set_max_batch_size(serving.max_batch_size)
         self._classify.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
         await self._set_threads(serving.num_threads)
+        backend_changed = serving.backend != self.store.backend
         self.serving = serving
+        self.store.backend = serving.backend  # the next load uses it; a change loads the model again
         if self.store.current is None:
             await self._swap(selector)  # nothing to fall back on: a failure fails the replica's start
             self._selector = selector
-        elif selector != self._selector:
+        elif selector != self._selector or backend_changed:
             try:
                 await self._swap(selector)
             except Exception as exc:  # e.g. a pinned version that does not exist: keep serving
@@ -173,6 +175,7 @@ class SentimentClassifier:
         from serve.model_store import torch_threads_for
 
         threads = num_threads or torch_threads_for(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+        self.store.threads = threads  # ONNX Runtime sessions take it at load
         # torch's thread count is per OS thread once that thread has run an op: set it
         # on the inference thread itself, between batches
         current = await asyncio.get_running_loop().run_in_executor(self._inference, torch.get_num_threads)

@@ -30,11 +30,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.cleaning import clean_text
 from pipelines.errors import ConfigError, PlatformError
+from pipelines.inference import BACKENDS, Classifier, TextEncoder, TorchBackend, load_classifier_from
 from pipelines.model import LABEL_NAMES
 from pipelines.registry import CHAMPION
-from pipelines.tokenization import TRUNCATION_MODES, pad_batch, special_token_frame, truncate
+from pipelines.tokenization import TRUNCATION_MODES
 
 log = logging.getLogger(__name__)
 
@@ -81,55 +81,57 @@ class ModelSelector:
 
 @dataclass
 class LoadedModel:
-    """One registered version in memory, ready to classify batches of texts."""
+    """One registered version in memory, ready to classify batches of texts.
+
+    `classifier` (pipelines.inference) holds the preprocessing and the backend chosen
+    for this deployment. Given a torch `model` and `tokenizer` instead (a version
+    registered before the pyfunc format, or a test), it is built from them.
+    """
 
     name: str
     version: str
     run_id: str | None
-    model: Any
-    tokenizer: Any
-    max_length: int
-    truncation: str
-    device: torch.device
+    classifier: Classifier | None = None
+    model: Any = None
+    tokenizer: Any = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    truncation: str = DEFAULT_TRUNCATION
+    device: torch.device | None = None
+    backend: str = "torch"
     test_metrics: dict[str, float] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self.model.eval()
-        self.prefix, self.suffix = special_token_frame(self.tokenizer)
-        self.budget = self.max_length - len(self.prefix) - len(self.suffix)
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        id2label = getattr(self.model.config, "id2label", None) or LABEL_NAMES
-        self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(self.model.config.num_labels)]
+        if self.classifier is None:
+            id2label = getattr(self.model.config, "id2label", None) or LABEL_NAMES
+            labels = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(self.model.config.num_labels))
+            encoder = TextEncoder(self.tokenizer, self.max_length, self.truncation)
+            self.classifier = Classifier(encoder, TorchBackend(self.model, self.device or torch.device("cpu")), labels)
+        self.labels = list(self.classifier.labels)
+        self.max_length = self.classifier.encoder.budget + len(self.classifier.encoder.prefix) + len(self.classifier.encoder.suffix)
+        self.truncation = self.classifier.encoder.truncation
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text as training saw it: cleaned like the dataset (markup, entities, unicode,
         whitespace), then special tokens around a head(+tail) cut of `max_length`."""
-        cleaned = [clean_text(text) for text in texts]
-        encoded = self.tokenizer(cleaned, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        return [self.prefix + truncate(ids, self.budget, self.truncation) + self.suffix for ids in encoded]
+        return self.classifier.encoder.token_ids(texts)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """(B, num_labels) float32 class probabilities; one tokenizer call and one forward pass."""
-        ids, mask = pad_batch(self.token_ids(texts), self.pad_token_id)  # (B, T), padded to the batch's longest
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return self.classifier.probabilities(texts)
 
     def predict(self, texts: list[str]) -> list[dict]:
         """For each text: label, its probability, every class's probability, and who answered."""
-        probs = self.probabilities(texts)
-        best = probs.argmax(axis=-1)
         return [
             {
-                "label": self.labels[int(b)],
-                "score": float(row[b]),
-                "probabilities": {label: float(p) for label, p in zip(self.labels, row)},
+                "label": p["label"],
+                "score": p["score"],
+                "probabilities": p["probabilities"],
                 "model_name": self.name,
                 "model_version": self.version,
             }
-            for row, b in zip(probs.tolist(), best)
+            for p in self.classifier.predict(texts)
         ]
 
     def warm_up(self) -> float:
@@ -149,6 +151,7 @@ class LoadedModel:
             "labels": list(self.labels),
             "max_length": self.max_length,
             "truncation": self.truncation,
+            "backend": self.backend,
             "test_metrics": dict(self.test_metrics),
             "device": str(self.device),
             "loaded_at": self.loaded_at,
@@ -175,6 +178,8 @@ class ModelStore:
         self.tracking_uri, _ = tracking.configure(storage or default_storage(), tracking_uri)
         self.client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
         self.device = device or pick_device()
+        self.backend = "auto"  # the deployment's user_config.backend
+        self.threads: int | None = None  # intra-op threads for the backend (the replica's CPUs)
         self._current: LoadedModel | None = None
         self._swap_lock = threading.Lock()  # one load at a time (registry poll vs reconfigure)
 
@@ -194,9 +199,14 @@ class ModelStore:
                 "Train and register a model first (make train), or name an existing alias or version."
             ) from exc
 
-    def load(self, model_version) -> LoadedModel:
-        """Load and warm one version (seconds to minutes: never call it per request)."""
-        import mlflow.transformers
+    def load(self, model_version, backend: str = "auto") -> LoadedModel:
+        """Load and warm one version with `backend` (seconds to minutes: never call it per request).
+
+        A version registered as the platform's pyfunc brings its model folder
+        (pipelines.variants): `auto` takes its default backend, and a backend marked
+        unusable is refused. An older version (transformers flavor) runs on torch.
+        """
+        import mlflow
 
         name, version = model_version.name, str(model_version.version)
         params, metrics = {}, {}
@@ -211,39 +221,47 @@ class ModelStore:
         if truncation not in TRUNCATION_MODES:
             raise ConfigError(f"{name} v{version}: run param truncation={truncation!r} is not one of {TRUNCATION_MODES}")
         start = time.perf_counter()
+        common = dict(name=name, version=version, run_id=model_version.run_id, device=self.device,
+                      test_metrics={k: float(v) for k, v in metrics.items() if k.startswith("test/")},
+                      aliases=list(getattr(model_version, "aliases", []) or []))
         # mlflow copies the artifacts to a local folder first: give it a private one
         # so that concurrent replicas on one node never share a half-written copy.
         with tempfile.TemporaryDirectory(prefix="serve-model-") as scratch:
-            components = mlflow.transformers.load_model(f"models:/{name}/{version}", dst_path=scratch, return_type="components")
-        loaded = LoadedModel(
-            name=name,
-            version=version,
-            run_id=model_version.run_id,
-            model=components["model"].to(self.device),
-            tokenizer=components["tokenizer"],
-            max_length=max_length,
-            truncation=truncation,
-            device=self.device,
-            test_metrics={k: float(v) for k, v in metrics.items() if k.startswith("test/")},
-            aliases=list(getattr(model_version, "aliases", []) or []),
-        )
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=scratch)
+            folder = os.path.join(local, "artifacts", "model")
+            if os.path.exists(os.path.join(folder, "inference.json")):
+                chosen = choose_backend(backend, getattr(model_version, "tags", None) or {}, f"{name} v{version}")
+                classifier = load_classifier_from(folder, chosen, threads=self.threads, device=self.device)
+                loaded = LoadedModel(classifier=classifier, backend=chosen, **common)
+            else:
+                import mlflow.transformers
+
+                if backend not in ("auto", "torch"):
+                    log.warning("%s v%s has no ONNX variants (registered before them): serving it on torch, not %s", name, version, backend)
+                components = mlflow.transformers.load_model(local, return_type="components")
+                loaded = LoadedModel(model=components["model"].to(self.device), tokenizer=components["tokenizer"],
+                                     max_length=max_length, truncation=truncation, **common)
         warm_s = loaded.warm_up()
         log.info("loaded %s v%s in %.1fs (warm-up %.2fs) on %s", name, version, time.perf_counter() - start, warm_s, self.device)
         return loaded
 
-    def swap_to(self, selector: ModelSelector) -> LoadedModel | None:
+    def swap_to(self, selector: ModelSelector, backend: str | None = None) -> LoadedModel | None:
         """Make the selector's version current if it is not already; returns the new model or None.
 
         The old model stays referenced by any batch running on it, and is freed when
         the last one finishes.
         """
         with self._swap_lock:
+            if backend is not None:
+                self.backend = backend
             target = self.resolve(selector)
             current = self._current
-            if current is not None and current.name == target.name and current.version == str(target.version):
+            wanted = choose_backend(self.backend, getattr(target, "tags", None) or {}, f"{target.name} v{target.version}")
+            same_backend = current is not None and (current.backend == wanted or current.backend == "torch" and self.backend == "auto")
+            if current is not None and current.name == target.name and current.version == str(target.version) and same_backend:
                 current.aliases = list(getattr(target, "aliases", []) or [])
                 return None
-            loaded = self.load(target)
+            loaded = self.load(target, self.backend)
             self._current = loaded
             if current is not None:
                 log.info("now serving %s v%s (was v%s)", loaded.name, loaded.version, current.version)
@@ -254,6 +272,21 @@ class ModelStore:
         if model is None:
             raise RuntimeError("no model loaded yet")
         return model.predict(texts)
+
+
+def choose_backend(requested: str, tags: dict, what: str) -> str:
+    """`auto` -> the version's default backend (the fastest whose accuracy check passed);
+    a named one is refused when registration marked it unusable."""
+    if requested not in ("auto", *BACKENDS):
+        raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return tags.get("backend.default", "torch")
+    if tags.get(f"backend.{requested}.usable") == "false":
+        raise ConfigError(
+            f"backend {requested} of {what} is marked unusable: accuracy {tags.get(f'backend.{requested}.accuracy')} "
+            f"vs torch {tags.get('backend.torch.accuracy')} (more than 0.5 points lower)"
+        )
+    return requested
 
 
 def torch_threads_for(cpus: float | None) -> int:

@@ -129,6 +129,7 @@ class ModelInfo(BaseModel):
     labels: list[str]
     max_length: int
     truncation: str
+    backend: str = Field("torch", description="the inference backend this replica runs: torch, onnx or onnx-int8")
     test_metrics: dict[str, float]
     device: str
     loaded_at: float

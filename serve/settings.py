@@ -23,6 +23,8 @@ from pipelines.errors import ConfigError
 from pipelines.registry import CHAMPION
 from pipelines.storage import default_storage
 
+# pipelines.inference.BACKENDS plus auto (here as text: the ingress imports no torch)
+BACKEND_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
 API_KEY_ENV = "SERVE_API_KEY"
 API_KEY_FILE_ENV = "SERVE_API_KEY_FILE"
 
@@ -53,6 +55,8 @@ class ServingConfig:
     max_text_chars: int = field(20_000, "longest text accepted, in characters (IMDB's longest review is ~14k)")
     max_body_bytes: int = field(2 * 1024 * 1024, "largest request body accepted, in bytes")
     num_threads: int | None = field(None, "torch intra-op threads per replica (default: the replica's CPUs, at least 1)")
+    backend: str = field("auto", "inference backend: auto (the version's default: the fastest whose accuracy check passed), torch, onnx or onnx-int8",
+                         choices=BACKEND_CHOICES)
 
     def __post_init__(self) -> None:
         if self.model_version is not None:
@@ -70,6 +74,7 @@ class ServingConfig:
             "poll_interval_s": self.poll_interval_s >= 0,
             "batch_wait_timeout_s": 0 <= self.batch_wait_timeout_s <= 10,
             "num_threads": self.num_threads is None or self.num_threads >= 1,
+            "backend": self.backend in BACKEND_CHOICES,
         }
         for name, ok in checks.items():
             if not ok:
