@@ -58,7 +58,7 @@ def parquet_of(folder: Path, texts: list[str], labels: list[int] | None = None) 
 @pytest.mark.timeout(600)
 def test_registration_scores_the_variants_as_version_tags(registered):
     uri, version = registered
-    tags = MlflowClient(uri).get_model_version(MODEL, version).tags
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version(MODEL, version).tags
     for backend in ("torch", "onnx", "onnx-int8"):
         assert 0.0 <= float(tags[f"backend.{backend}.accuracy"]) <= 1.0
         assert 0.0 <= float(tags[f"backend.{backend}.agreement"]) <= 1.0
@@ -127,7 +127,7 @@ def test_evaluate_logs_a_run_against_the_model_version(registered, review_texts,
 
     predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}").predict(review_texts[:80], params={"backend": "torch"})["label_id"]
     expected_accuracy = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     run = client.get_run(outcome.run_id)
     assert run.data.metrics["eval/accuracy"] == pytest.approx(expected_accuracy)
     assert run.data.metrics["eval/rows"] == 80

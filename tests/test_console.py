@@ -49,7 +49,8 @@ def screen_lines(output: str) -> list[str]:
 def mlflow_client(storage: Path):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)  # not the registry another test set process-wide
 
 
 @pytest.mark.slow
