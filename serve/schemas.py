@@ -216,7 +216,9 @@ def apply_limits(openapi: dict, limits: RequestLimits) -> dict:
 V2_INPUT = "text"
 LABEL_OUTPUT, PROBABILITIES_OUTPUT, LABEL_NAME_OUTPUT = "label", "probabilities", "label_name"
 V2_OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT, LABEL_NAME_OUTPUT)
-V2_PLATFORM = "mlflow_transformers"
+# the platform names of Triton's model configuration, by the backend the replica runs
+V2_PLATFORMS = {"torch": "pytorch_libtorch", "onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx"}
+V2_PLATFORM = V2_PLATFORMS["torch"]
 BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor data extension
 
 
@@ -356,7 +358,7 @@ def model_metadata(info: dict) -> dict:
     return {
         "name": info["name"],
         "versions": [str(info["version"])],
-        "platform": V2_PLATFORM,
+        "platform": V2_PLATFORMS.get(info.get("backend", "torch"), V2_PLATFORM),
         "inputs": [{"name": V2_INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [
             {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [-1]},

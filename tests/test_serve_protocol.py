@@ -129,7 +129,7 @@ def test_v2_model_metadata_describes_the_tensors(client):
     assert metadata == {
         "name": MODEL,
         "versions": [VERSION],
-        "platform": "mlflow_transformers",
+        "platform": "pytorch_libtorch",
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
