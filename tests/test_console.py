@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import console
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 60

@@ -28,7 +28,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from serve.http_api import build_http_app
