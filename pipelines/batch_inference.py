@@ -50,12 +50,10 @@ def resolve_model(model_uri: str, tracking_uri: str, backend: str = "auto") -> M
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipelines.inference import BACKENDS
+    from pipelines.variants import choose_backend
 
     if not model_uri.startswith("models:/") or len(model_uri.split("/")) < 2:
         raise ConfigError(f"--model {model_uri!r}: give a registered model as models:/<name>@<alias> or models:/<name>/<version>")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r}: one of auto, {', '.join(BACKENDS)}")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     reference = model_uri.removeprefix("models:/")
     try:
@@ -67,11 +65,7 @@ def resolve_model(model_uri: str, tracking_uri: str, backend: str = "auto") -> M
             version = client.get_model_version(name, number)
     except (MlflowException, ValueError) as exc:
         raise ConfigError(f"--model {model_uri}: not found in the registry at {tracking_uri}") from exc
-    tags = version.tags or {}
-    chosen = tags.get("backend.default", "torch") if backend == "auto" else backend
-    if tags.get(f"backend.{chosen}.usable") == "false":
-        raise ConfigError(f"--backend {chosen}: marked unusable for {name} v{version.version} "
-                          f"(accuracy {tags.get(f'backend.{chosen}.accuracy')} vs torch {tags.get('backend.torch.accuracy')})")
+    chosen = choose_backend(backend, version.tags or {}, f"{name} v{version.version}")
     return ModelRef(name, str(version.version), f"models:/{name}/{version.version}", tracking_uri, chosen)
 
 

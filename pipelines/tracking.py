@@ -62,6 +62,10 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
             )
         else:
             uri, artifact_root = local_store(storage)
+    elif uri.startswith("sqlite:///"):
+        # a SQLite file named directly: its artifacts beside it, as for the embedded store
+        # (MLflow's own default, ./mlruns, would land in whatever folder the user ran from)
+        artifact_root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import ConfigError
 from pipelines.inference import BACKENDS, ONNX_FILE, InferenceSettings, export_onnx, load_classifier_from, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -121,5 +122,16 @@ def load_scores(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def usable_backends(folder: Path) -> list[str]:
-    return [v["backend"] for v in load_scores(folder)["variants"] if v.get("usable")]
+def choose_backend(requested: str, tags: dict, what: str) -> str:
+    """`auto` -> the version's default backend (the fastest whose accuracy check passed);
+    a named one is refused when registration marked it unusable."""
+    if requested not in ("auto", *BACKENDS):
+        raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return tags.get("backend.default", "torch")
+    if tags.get(f"backend.{requested}.usable") == "false":
+        raise ConfigError(
+            f"backend {requested} of {what} is marked unusable: accuracy {tags.get(f'backend.{requested}.accuracy')} "
+            f"vs torch {tags.get('backend.torch.accuracy')} (more than 0.5 points lower)"
+        )
+    return requested

@@ -31,7 +31,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.errors import ConfigError, PlatformError
-from pipelines.inference import BACKENDS, Classifier, TextEncoder, TorchBackend, load_classifier_from
+from pipelines.inference import Classifier, TextEncoder, TorchBackend, load_classifier_from
+from pipelines.variants import choose_backend
 from pipelines.model import LABEL_NAMES
 from pipelines.registry import CHAMPION
 from pipelines.tokenization import TRUNCATION_MODES
@@ -272,21 +273,6 @@ class ModelStore:
         if model is None:
             raise RuntimeError("no model loaded yet")
         return model.predict(texts)
-
-
-def choose_backend(requested: str, tags: dict, what: str) -> str:
-    """`auto` -> the version's default backend (the fastest whose accuracy check passed);
-    a named one is refused when registration marked it unusable."""
-    if requested not in ("auto", *BACKENDS):
-        raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
-    if requested == "auto":
-        return tags.get("backend.default", "torch")
-    if tags.get(f"backend.{requested}.usable") == "false":
-        raise ConfigError(
-            f"backend {requested} of {what} is marked unusable: accuracy {tags.get(f'backend.{requested}.accuracy')} "
-            f"vs torch {tags.get('backend.torch.accuracy')} (more than 0.5 points lower)"
-        )
-    return requested
 
 
 def torch_threads_for(cpus: float | None) -> int:

@@ -32,10 +32,9 @@ MAX_LENGTH = 48
 def registered(tmp_path_factory, sample_manifest, tiny_model_dir):
     """(tracking URI, version) of the tiny model registered with max length 48, head+tail."""
     store = tmp_path_factory.mktemp("batch-mlflow")
-    uri, _ = tracking.local_store(str(store))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run():
+    uri, artifact_root = tracking.configure(str(store))
+    # an experiment of our own: the store's Default one keeps its artifacts in ./mlruns
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment("batch-test", artifact_root)):
         info = tracking.register_model(tiny_model_dir, tiny_model_dir, MODEL, sample_manifest, MAX_LENGTH, "head_tail")
     return uri, str(info.registered_model_version)
 
@@ -193,3 +192,18 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
             assert v2 == expected, f"{backend}: /v2 differs from the pyfunc"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_backend_choice_follows_the_version_tags():
+    from pipelines.variants import choose_backend
+
+    tags = {"backend.default": "onnx-int8", "backend.onnx-int8.usable": "true", "backend.onnx.usable": "false",
+            "backend.onnx.accuracy": "0.80", "backend.torch.accuracy": "0.90"}
+    assert choose_backend("auto", tags, "m v1") == "onnx-int8"
+    assert choose_backend("torch", tags, "m v1") == "torch"
+    assert choose_backend("auto", {}, "m v1") == "torch"  # a version registered before the variants
+    with pytest.raises(ConfigError, match="onnx of m v1 is marked unusable: accuracy 0.80 vs torch 0.90"):
+        choose_backend("onnx", tags, "m v1")
+    with pytest.raises(ConfigError, match="'tensorrt' is not one of auto, torch, onnx, onnx-int8"):
+        choose_backend("tensorrt", tags, "m v1")
