@@ -195,6 +195,8 @@ def test_rayservice_serves_the_app_of_serve_config_yaml():
         source, _ = split_app_args(app.args)
         assert source.tracking_uri == "http://imdb-mlflow:5000", "replicas read the cluster's registry"
         for deployment in app.deployments:
+            if deployment.name == "SentimentIngress":
+                continue  # no user_config: it reads the model deployment's limits
             ServingConfig.from_user_config(deployment.user_config)
             assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
         # the builder exists (read, not imported: importing Serve's app costs seconds)
@@ -346,8 +348,8 @@ def test_runbook_names_metrics_and_mlflow_fields_that_exist():
         assert f'"{field}"' in code or f'"{metric}"' in code, f"RUNBOOK names {field}, which nothing logs"
     for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text)):
         if flag in {"--force", "--source", "--rows-per-shard", "--stop", "--daemon", "--num-samples", "--lr-min",
-                    "--lr-max", "--batch-sizes", "--shm-size"}:
-            continue  # prepare_imdb, the start script, tune, docker
+                    "--lr-max", "--batch-sizes", "--shm-size", "--verbose"}:
+            continue  # prepare_imdb, the start script, tune, docker, every command's --verbose
         assert flag[2:].replace("-", "_") in {f for f in _train_fields()}, f"RUNBOOK names {flag}, not a train_imdb flag"
 
 
