@@ -185,7 +185,8 @@ def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> Tra
 
 
 def describe_splits(manifest: Manifest) -> str:
-    rows = " / ".join(f"{info.rows} {split}" for split, info in manifest.splits.items())
+    order = sorted(manifest.splits, key=lambda split: (["train", "val", "test"] + [split]).index(split))
+    rows = " / ".join(f"{manifest.splits[split].rows} {split}" for split in order)
     return f"{manifest.name}/{manifest.version}: {rows} reviews ({manifest.uri})"
 
 
