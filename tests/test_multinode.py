@@ -23,7 +23,7 @@ SCENARIOS = REPO / "tests" / "scenarios"
 RESULT_PREFIX = "SCENARIO_RESULT "
 SCENARIO_TIMEOUT_S = 840
 SERVE_KILL_TIMEOUT_S = 480  # about 2 minutes on 2 busy cores: register, deploy, load, kill, recover
-REHEARSAL_TIMEOUT_S = 1500  # about 9 minutes on 2 cores: train, kill, resume, resume again, sweep, serve
+REHEARSAL_TIMEOUT_S = 1500  # 10-18 minutes on 2 cores: train, kill, resume, resume again, sweep, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(SCENARIO_TIMEOUT_S + 60)]
 
