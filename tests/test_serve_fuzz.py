@@ -422,6 +422,19 @@ def v2_candidates(draw) -> dict:
     return body
 
 
+def schema_verdict_and_answer(app, path: str, validator, body) -> tuple[bool, int | None, bytes]:
+    """(the schema's verdict, the status, the answer) of an authorized POST of `body`;
+    status None for a body over the transport's limit, which must have been a 413."""
+    valid = validator.is_valid(body)
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    status, _, answer = call(app, "POST", path, [(b"authorization", f"Bearer {API_KEY}".encode())], [raw])
+    event(f"schema {'valid' if valid else 'invalid'}, {status}")
+    if len(raw) > LIMITS.max_body_bytes:  # the transport's limit, not the schema's
+        assert status == 413
+        return valid, None, answer
+    return valid, status, answer
+
+
 @pytest.mark.timeout(120)
 def test_v1_accepts_exactly_what_its_schema_accepts(app, openapi):
     validator = schema_validator(openapi.raw_schema, "PredictRequest")
@@ -429,13 +442,9 @@ def test_v1_accepts_exactly_what_its_schema_accepts(app, openapi):
     @fuzz(300)
     @given(body=v1_candidates())
     def run(body) -> None:
-        valid = validator.is_valid(body)
-        raw = json.dumps(body, ensure_ascii=False).encode()
-        status, _, answer = call(app, "POST", PREDICT, [(b"authorization", f"Bearer {API_KEY}".encode())], [raw])
-        event(f"schema {'valid' if valid else 'invalid'}, {status}")
-        if len(raw) > LIMITS.max_body_bytes:  # the transport's limit, not the schema's
-            assert status == 413
-            return
+        valid, status, answer = schema_verdict_and_answer(app, PREDICT, validator, body)
+        if status is None:
+            return  # over the body limit: 413, checked there
         assert (status == 200) == valid, (body, status, answer[:300])
         assert status in (200, 422), (status, answer[:300])
 
@@ -449,13 +458,9 @@ def test_v2_accepts_what_its_schema_accepts_but_a_shape_that_does_not_fit_the_da
     @fuzz(300)
     @given(body=v2_candidates())
     def run(body) -> None:
-        valid = validator.is_valid(body)
-        raw = json.dumps(body, ensure_ascii=False).encode()
-        status, _, answer = call(app, "POST", INFER, [(b"authorization", f"Bearer {API_KEY}".encode())], [raw])
-        event(f"schema {'valid' if valid else 'invalid'}, {status}")
-        if len(raw) > LIMITS.max_body_bytes:  # the transport's limit, not the schema's
-            assert status == 413
-            return
+        valid, status, answer = schema_verdict_and_answer(app, INFER, validator, body)
+        if status is None:
+            return  # over the body limit: 413, checked there
         assert status in (200, 400), (status, answer[:300])
         if not valid:
             assert status == 400, (body, answer[:300])
