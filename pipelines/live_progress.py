@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines import console
 
@@ -78,7 +79,10 @@ def board(run_name: str) -> Iterator[str | None]:
         yield None
         return
     name = f"progress-{run_name}"
-    actor = ProgressBoard.options(name=name).remote()
+    # On the driver's node: a board on a worker node would die with that node, and with it
+    # every line posted after (a restarted run's "resuming" line among them).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ProgressBoard.options(name=name, scheduling_strategy=here).remote()
     follower = _Follower(actor)
     follower.start()
     try:
