@@ -10,8 +10,10 @@ folder, pipelines.variants), with the same texts:
 - Serve: the app of serve/app.py deployed afresh with `ServingConfig(backend=...)`, pinned
   to the version, --replicas fixed replicas (autoscaling would move the figures mid-run),
   checked to run that backend, hit by a closed-loop client at each concurrency: every
-  client sends one review, waits for the answer, sends the next. Requests/s, p50/p95/p99
-  latency and errors per level, after --warmup seconds.
+  client sends one review, waits for the answer, sends the next, on its own keep-alive
+  connection. Requests/s, p50/p95/p99 latency, errors and the client's own CPU (in
+  cores: it shares the machine, so it is kept to a raw HTTP/1.1 exchange of
+  pre-encoded requests) per level, after --warmup seconds.
 - Bare: the same `Classifier` (pipelines.inference.load_classifier_from on the downloaded
   model folder) in this process, batches of --max-batch-size, no HTTP, no Serve: one stream
   with every CPU as threads, and --replicas streams of the replicas' threads each (Serve's
@@ -288,37 +290,76 @@ class LevelResult:
     p99_ms: float
     errors: int
     requests: int
+    client_cpu: float = float("nan")  # this process's CPU while the level ran, in cores: what the load itself took
+
+
+def request_bytes(url: str, text: str, headers: dict) -> bytes:
+    """One keep-alive POST of {"text": ...}, encoded once: the client's per-request work is a write and a read."""
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = json.dumps({"text": text}).encode()
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """The status of one HTTP/1.1 response with a Content-Length body (what Serve's proxy sends), body read."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
 
 
 async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, warmup: float, headers: dict) -> LevelResult:
-    import httpx
+    """`concurrency` clients, each on its own keep-alive connection: send one review, wait, send the next.
 
+    A raw HTTP/1.1 client rather than httpx: it shares the machine with the server, and
+    httpx's per-request CPU (about 1 ms, as much as a model replica's share of a request
+    at int8) would be charged to Serve. What the client still costs is reported.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    requests = [request_bytes(url, text, headers) for text in texts]
     latencies: list[float] = []
     errors = 0
     begin = time.perf_counter()
     measure_from, stop_at = begin + warmup, begin + warmup + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
+    async def client(worker: int) -> None:
         nonlocal errors
+        reader = writer = None
         index = worker
         while (now := time.perf_counter()) < stop_at:
-            text = texts[index % len(texts)]
+            payload = requests[index % len(requests)]
             index += concurrency
             try:
-                response = await http.post(url, json={"text": text}, headers=headers)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                writer.write(payload)
+                ok = await asyncio.wait_for(read_response(reader), 120) == 200
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError):
                 ok = False
+                if writer is not None:
+                    writer.close()
+                reader = writer = None  # a fresh connection for the next request
             done = time.perf_counter()
             if now >= measure_from and done <= stop_at:
                 if ok:
                     latencies.append(done - now)
                 else:
                     errors += 1
+        if writer is not None:
+            writer.close()
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(worker, http) for worker in range(concurrency)))
+    await asyncio.gather(*(client(worker) for worker in range(concurrency)))
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([float("nan")])
     return LevelResult(
         concurrency, len(latencies) / seconds, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors, len(latencies) + errors
@@ -333,8 +374,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deploy(source: ModelSource, serving: ServingConfig, replicas: int, cpus_per_replica: float) -> set[str]:
-    """A fresh app (new replicas load `serving.backend`); returns the backends its replicas report."""
+def deploy(source: ModelSource, serving: ServingConfig, replicas: int, cpus_per_replica: float, base_url: str) -> set[str]:
+    """A fresh app (new replicas load `serving.backend`); returns the backends its replicas report.
+
+    Under Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) a handle
+    works only inside an event loop: the backend is then read from /v1/model over HTTP.
+    """
     from ray import serve
 
     from serve.app import DEPLOYMENT_NAME, build_app
@@ -351,6 +396,10 @@ def deploy(source: ModelSource, serving: ServingConfig, replicas: int, cpus_per_
         ray_actor_options={"num_cpus": cpus_per_replica},
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
+        import httpx
+
+        return {httpx.get(f"{base_url}/v1/model", headers=auth_headers(), timeout=30).json()["backend"]}
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
     return {handle.status.remote().result()["model"]["backend"] for _ in range(4 * replicas)}
 
@@ -393,10 +442,10 @@ class BackendResult:
 
 def print_levels(title: str, results: list[LevelResult], bare: float) -> None:
     print(title)
-    print(f"  {'concurrency':>11} {'req/s':>8} {'x bare':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9}")
+    print(f"  {'concurrency':>11} {'req/s':>8} {'x bare':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'requests':>9} {'client CPU':>10}")
     for r in results:
         print(f"  {r.concurrency:>11} {r.requests_per_s:>8.1f} {r.requests_per_s / bare:>7.2f} {r.p50_ms:>8.0f} {r.p95_ms:>8.0f} "
-              f"{r.p99_ms:>8.0f} {r.errors:>7} {r.requests:>9}")
+              f"{r.p99_ms:>8.0f} {r.errors:>7} {r.requests:>9} {r.client_cpu:>10.2f}")
     sys.stdout.flush()
 
 
@@ -530,14 +579,18 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
     init_ray(num_cpus=cpus)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    url = f"http://127.0.0.1:{port}/v1/predict"
+    base_url = f"http://127.0.0.1:{port}"
+    url = f"{base_url}/v1/predict"
     headers = auth_headers()
     source = ModelSource(selector.name, args.storage, tracking_uri)
     top = max(args.concurrency)
     results: dict[str, BackendResult] = {}
 
     def level(concurrency: int) -> LevelResult:
-        return asyncio.run(closed_loop(url, texts, concurrency, args.duration, args.warmup, headers))
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = asyncio.run(closed_loop(url, texts, concurrency, args.duration, args.warmup, headers))
+        result.client_cpu = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        return result
 
     try:
         for backend in args.backends:
@@ -557,7 +610,7 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
             pin = {"model_version": version, "poll_interval_s": 0.0, "num_threads": threads_per_replica, "backend": backend}
             started = time.perf_counter()
             served = deploy(source, ServingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s, **pin),
-                            args.replicas, cpus_per_replica)
+                            args.replicas, cpus_per_replica, base_url)
             if served != {backend}:
                 raise PlatformError(f"asked Serve for backend {backend}, its replicas run {sorted(served)}")
             print(f"\n{backend}: deployed in {time.perf_counter() - started:.0f} s", flush=True)
@@ -568,7 +621,7 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
             result = BackendResult(backend, levels, bare_before, bare_after)
             print_levels(f"Serve, {backend}, batching on", levels, result.bare)
             if args.unbatched:
-                deploy(source, ServingConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **pin), args.replicas, cpus_per_replica)
+                deploy(source, ServingConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **pin), args.replicas, cpus_per_replica, base_url)
                 result.unbatched = level(top)
                 result.bare_unbatched = (bare_after + bare("after batching off")) / 2
                 print_levels(f"Serve, {backend}, batching off (max_batch_size 1)", [result.unbatched], result.bare_unbatched)
