@@ -67,22 +67,18 @@ def mask_as_index(model_proto) -> int:
         rewired += 1
     if rewired:
         graph.node.insert(0, helper.make_node("Cast", [MASK_INPUT], [MASK_AS_INDEX], to=TensorProto.INT32, name="attention_mask_as_index"))
-        _drop_unused_nodes(graph)
     return rewired
 
 
-def _drop_unused_nodes(graph) -> None:
-    """Remove the nodes and initializers nothing reads any more (the old bias computation):
-    ORT would warn about each of them at every session start."""
-    while True:
-        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        unused = [node for node in graph.node if not any(out in read for out in node.output)]
-        if not unused:
-            break
-        for node in unused:
-            graph.node.remove(node)
-    for initializer in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(initializer)
+def without_unused(model_proto):
+    """The model without the nodes and initializers nothing reads any more (the bias
+    computation mask_as_index replaced): ORT would warn about each at every session start."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    model = ir.serde.deserialize_model(model_proto)
+    RemoveUnusedNodesPass()(model)
+    return ir.serde.serialize_model(model)
 
 
 def logits(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -102,7 +98,7 @@ def optimize_exported(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[st
     try:
         fused, counts = fuse_for_ort(plain)
         counts["attention_mask_index"] = mask_as_index(fused)
-        fused_bytes = fused.SerializeToString()
+        fused_bytes = without_unused(fused).SerializeToString()
         difference = float(np.abs(logits(fused_bytes, feeds) - expected).max())
     except Exception as exc:  # a graph the fusions do not know: the plain export still runs
         log.warning("ONNX graph kept unfused: the ORT fusions failed (%s: %s)", type(exc).__name__, exc)
