@@ -9,9 +9,11 @@ Two deployments in one application:
 
 - `SentimentIngress` (the HTTP ingress; 1 replica of 0.1 CPU, no torch): the FastAPI app of
   serve/http_api.py, so API key, Content-Type, body size and input limits are checked at
-  the door. It sends each valid request to the model deployment through a
-  DeploymentHandle and, when the model replica running it dies (`kill -9`, OOM, a lost
-  node), re-sends it to another one: at most `RetryPolicy.max_attempts` tries, with a
+  the door. It sends valid requests to the model deployment through a DeploymentHandle,
+  at most 4 calls per model replica in flight; requests that queue up meanwhile go
+  together, up to `max_batch_size` of them in one call, so that under load Serve's
+  per-call work is paid per batch rather than per request. When the model replica
+  running a call dies (`kill -9`, OOM, a lost node), the ingress re-sends it to another one: at most `RetryPolicy.max_attempts` tries, with a
   short back-off, and none once the request is older than the proxy's timeout. A
   prediction is idempotent, so a re-run is safe; an error raised by the model itself is
   never retried. The client sees a slower answer, not an error. `/readyz` and `/v1/model`
@@ -68,6 +70,9 @@ INGRESS_NAME = "SentimentIngress"
 APP_NAME = "imdb-sentiment"
 IDLE_POLL_S = 5.0  # how often a model replica with polling off re-reads its settings
 STATUS_REFRESH_S = 2.0  # how stale the ingress's copy of the model status may get while traffic flows
+# model calls an ingress replica keeps in flight, per model replica (at most): enough to keep
+# each busy (one computing, more queued behind it); past them, requests are sent together
+CALLS_PER_MODEL_REPLICA = 4
 FIRST_STATUS_TIMEOUT_S = 300.0  # an ingress replica waits this long for the model before it reports ready anyway
 # What a DeploymentHandle raises when the replica running a request is gone: ActorDiedError
 # (the process died: kill -9, OOM) and ActorUnavailableError (unreachable; it may come back)
@@ -94,6 +99,19 @@ class RetryPolicy:
         return self.backoff_s * 2 ** (attempt - 1)
 
 
+MODEL_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16, "upscale_delay_s": 5, "downscale_delay_s": 30}
+
+
+def most_replicas(options: dict[str, Any]) -> int:
+    """The most replicas the model deployment may run with build_app's `options` over its defaults."""
+    if isinstance(options.get("num_replicas"), int):
+        return options["num_replicas"]
+    autoscaling = options.get("autoscaling_config", MODEL_AUTOSCALING)
+    if not autoscaling:
+        return 1
+    return int(autoscaling["max_replicas"] if isinstance(autoscaling, dict) else autoscaling.max_replicas)
+
+
 def limits_of(serving: ServingConfig) -> RequestLimits:
     return RequestLimits(serving.max_texts, serving.max_text_chars, serving.max_body_bytes)
 
@@ -104,13 +122,7 @@ def limits_of(serving: ServingConfig) -> RequestLimits:
     name=DEPLOYMENT_NAME,
     ray_actor_options={"num_cpus": 0.5},  # Serve's default (1 CPU) fits only two replicas on 2 cores
     max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 16,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 30,
-    },
+    autoscaling_config=MODEL_AUTOSCALING,
     user_config={},  # always set, so that reconfigure (which loads the model) always runs
     health_check_period_s=10,
     health_check_timeout_s=30,
@@ -267,12 +279,19 @@ class SentimentClassifier:
 class SentimentIngress:
     """The HTTP door (serve/http_api.Backend): checks requests, forwards predictions, retries lost ones."""
 
-    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict):
+    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict, calls_in_flight: int = 8):
         self.model = model
         self.retry = RetryPolicy(**retry)
         self.guard = ApiKeyGuard(load_api_key())
         self.metrics = IngressMetrics()
-        self._limits = limits_of(ServingConfig.from_user_config(serving))  # until the model says otherwise
+        # The requests that queue up while `calls_in_flight` model calls are running go to the
+        # model together, as one call, when the next slot frees: Serve's per-call work (routing,
+        # the actor call, the replica's bookkeeping) is then paid per batch, not per request,
+        # and that is CPU the model replicas get back. No wait: under light load every request
+        # goes at once, alone. With enough calls in flight every model replica has work; the
+        # replica cuts what it receives into forward passes of max_batch_size texts.
+        self._forward = serve.batch(max_batch_size=32, batch_wait_timeout_s=0, max_concurrent_batches=calls_in_flight)(self._send_together)
+        self._apply(ServingConfig.from_user_config(serving))  # until the model says otherwise
         self._model_info: dict | None = None
         self._wanted = False  # a request came in since the last refresh: the cache is worth refreshing
         self._wake = asyncio.Event()  # an answer named another model version: refresh now
@@ -293,8 +312,13 @@ class SentimentIngress:
     async def _refresh(self) -> None:
         status = await self.model.status.remote()
         self._model_info = status["model"]
-        self._limits = limits_of(ServingConfig.from_user_config(status["serving"]))
+        self._apply(ServingConfig.from_user_config(status["serving"]))
         self._status_error = None
+
+    def _apply(self, serving: ServingConfig) -> None:
+        """The model deployment's user_config, as far as the door is concerned: limits, requests per call."""
+        self._limits = limits_of(serving)
+        self._forward.set_max_batch_size(serving.max_batch_size)
 
     async def _follow_model(self) -> None:
         while True:
@@ -336,21 +360,33 @@ class SentimentIngress:
 
     async def predict(self, texts: list[str]) -> list[dict]:
         self._wanted = True
-        try:
-            predictions = await send_with_retries(lambda: self.model.predict.remote(texts), self.retry, self._on_retry)
-        except RequestError:
-            self._retry_counts["gave_up"] += 1
-            raise
+        predictions = await self._forward(texts)
         info = self._model_info
         if info is None or any(p["model_version"] != info["version"] for p in predictions):
             self._wake.set()  # a hot swap (or a replica on another version): refresh /v1/model now
         return predictions
 
-    def _on_retry(self, error: str, attempt: int) -> None:
+    async def _send_together(self, requests: list[list[str]]) -> list[list[dict]]:
+        """One model call for the texts of several requests (self._forward batches them, see __init__)."""
+        texts = [text for request in requests for text in request]
+        try:
+            predictions = await send_with_retries(
+                lambda: self.model.predict.remote(texts), self.retry, lambda error, attempt: self._on_retry(error, attempt, len(requests))
+            )
+        except RequestError:
+            self._retry_counts["gave_up"] += len(requests)
+            raise
+        answers, start = [], 0
+        for request in requests:
+            answers.append(predictions[start : start + len(request)])
+            start += len(request)
+        return answers
+
+    def _on_retry(self, error: str, attempt: int, requests: int) -> None:
         self.metrics.record_retry(error)
         self._retry_counts["retries"] += 1
         if attempt == 1:
-            self._retry_counts["retried_requests"] += 1
+            self._retry_counts["retried_requests"] += requests
 
 
 async def send_with_retries(send: Callable[[], Awaitable[T]], policy: RetryPolicy, on_retry: Callable[[str, int], None] | None = None) -> T:
@@ -412,7 +448,8 @@ def build_app(
         source = ModelSource(source.model_name, source.storage, os.environ["MLFLOW_TRACKING_URI"])
     model = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
     ingress = SentimentIngress.options(**(ingress_options or {}))
-    return ingress.bind(model, serving.as_user_config(), asdict(retry or RetryPolicy()))
+    calls = CALLS_PER_MODEL_REPLICA * most_replicas(deployment_options)
+    return ingress.bind(model, serving.as_user_config(), asdict(retry or RetryPolicy()), calls)
 
 
 def check_model_exists(source: ModelSource, serving: ServingConfig) -> str:

@@ -352,11 +352,21 @@ def test_predict_returns_label_probabilities_and_the_version_that_answered(http)
     single = predict(http, {"text": texts[0]})
     assert single.status_code == 200
     assert single.json()["predictions"][0]["probabilities"] == pytest.approx(predictions[0]["probabilities"], abs=1e-5)
-    # concurrent requests are batched together and each gets its own answer back
+    # concurrent requests go to the model together (the ingress sends them as one call):
+    # each gets back the answers to its own texts, in its own order
+    words = ("wonderful", "dreadful", "boring", "moving", "clumsy")
+    requests = [[f"{i}.{j} " + f"{words[(i + j) % 5]} " * (1 + 7 * ((i * j) % 4)) for j in range(1 + i % 3)] for i in range(24)]
+    alone = [positive_probabilities(predict(http, {"texts": texts})) for texts in requests]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: predict(http, {"text": f"review number {i}"}), range(32)))
-    assert all(answer.status_code == 200 for answer in answers)
-    assert all(len(answer.json()["predictions"]) == 1 for answer in answers)
+        together = list(pool.map(lambda texts: positive_probabilities(predict(http, {"texts": texts})), requests))
+    for texts, expected, answer in zip(requests, alone, together):
+        assert answer == pytest.approx(expected, abs=1e-5), texts
+    assert len({round(p, 5) for answers in alone for p in answers}) > 5  # distinct answers: a mix-up would show
+
+
+def positive_probabilities(response: httpx.Response) -> list[float]:
+    assert response.status_code == 200, response.text
+    return [prediction["probabilities"]["positive"] for prediction in response.json()["predictions"]]
 
 
 @pytest.mark.timeout(120)
