@@ -120,10 +120,40 @@ def input_files(uri: str) -> tuple[Location, list[str]]:
     return location, [location.path]
 
 
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: int
+    cpus_per_actor: float
+    threads: int  # intra-op threads of each actor's model
+
+    def describe(self) -> str:
+        return f"{self.actors} actor(s) x {self.threads} thread(s), {self.cpus_per_actor:g} CPU each"
+
+
+def plan_actors(requested: int | None, input_files: int, total_cpus: float | None = None) -> ActorPlan:
+    """How many model actors, and their share of the cluster's CPUs after the Parquet reads' reserve.
+
+    By default one actor per CPU, one thread each: on CPUs several single-threaded models
+    score more texts per second than one model with as many threads (measured in
+    bench/batch_predict.py), and the CPUs rarely wait on each other. No more actors than
+    input files, though: a file is one block, and an actor without a block idles.
+    """
+    total = float(total_cpus if total_cpus is not None else ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    usable = max(0.25, total - READ_CPUS)
+    actors = requested or max(1, min(input_files, round(usable)))
+    cpus = max(0.25, usable / actors)
+    return ActorPlan(actors, cpus, max(1, round(cpus)))
+
+
 def predictions(input_uri: str, model: ModelRef, text_column: str = "text", batch_size: int = 64,
-                actors: int = 1, cpus_per_actor: float = 1.0) -> ray.data.Dataset:
-    """A lazy Dataset: the input's rows plus predicted_label, predicted_label_id, score and probability_<label>."""
+                actors: int | None = None) -> ray.data.Dataset:
+    """A lazy Dataset: the input's rows plus predicted_label, predicted_label_id, score and probability_<label>.
+
+    `actors`: model actors sharing the cluster's CPUs (default: plan_actors').
+    """
     location, files = input_files(input_uri)
+    plan = plan_actors(actors, len(files))
+    console.say(f"[plan] {plan.describe()}")
     schema = pq.read_schema(files[0], filesystem=location.filesystem)
     if text_column not in schema.names:
         raise DataError(f"no column {text_column!r} (columns: {', '.join(schema.names)}); name it with --text-column", location.uri_of(files[0]))
@@ -131,11 +161,11 @@ def predictions(input_uri: str, model: ModelRef, text_column: str = "text", batc
         dataset = ray.data.read_parquet(files, filesystem=location.filesystem, num_cpus=READ_CPUS, override_num_blocks=len(files))
     return dataset.map_batches(
         PredictBatch,
-        fn_constructor_kwargs={"model": model, "text_column": text_column, "threads": max(1, round(cpus_per_actor))},
+        fn_constructor_kwargs={"model": model, "text_column": text_column, "threads": plan.threads},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
+        compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
     )
 
 
@@ -192,9 +222,3 @@ def write_predictions(dataset: ray.data.Dataset, total_rows: int, output_uri: st
             staging.delete_dir()
         raise
     return rows, files
-
-
-def cpus_for_actors(actors: int) -> float:
-    """Each actor's share of the cluster's CPUs, after the Parquet reads' reserve."""
-    total = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    return max(0.25, (total - READ_CPUS) / actors)

@@ -39,14 +39,14 @@ class EvaluateConfig:
     split: str = field("test", "the prepared dataset's split to evaluate on")
     backend: str = field("auto", "inference backend: auto (the version's default), torch, onnx or onnx-int8")
     batch_size: int = field(64, "texts per model call")
-    actors: int = field(1, "model replicas (Ray Data actors) scoring in parallel")
+    actors: int | None = field(None, "model replicas (Ray Data actors) scoring in parallel (default: one per CPU, one thread each, at most one per input file)")
     experiment: str = field(EXPERIMENT, "MLflow experiment of the evaluation runs")
     storage: str = field(default_storage(), "storage root (datasets, and the local MLflow store without a tracking URI)")
     tracking_uri: str | None = field(None, "MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the store under --storage)")
     ray_address: str | None = field(None, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.actors < 1:
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise ConfigError("--batch-size and --actors must be at least 1")
 
 
@@ -109,7 +109,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationOutcome:
     console.stage("data", f"{data_name}: {rows} labelled reviews")
     console.enter("evaluate")
     runtime.init_ray(config.ray_address)
-    dataset = batch_inference.predictions(files_uri, model, "text", config.batch_size, config.actors, batch_inference.cpus_for_actors(config.actors))
+    dataset = batch_inference.predictions(files_uri, model, "text", config.batch_size, config.actors)
     started = time.perf_counter()
     metrics, hist_pos, hist_neg = score(batch_inference.iter_tables(dataset, rows, "evaluate"))
     metrics["rows_per_s"] = metrics["rows"] / max(time.perf_counter() - started, 1e-9)

@@ -34,7 +34,7 @@ class PredictConfig:
     backend: str = field("auto", "inference backend: auto (the version's default), torch, onnx or onnx-int8")
     text_column: str = field("text", "the column that holds the reviews")
     batch_size: int = field(64, "texts per model call")
-    actors: int = field(1, "model replicas (Ray Data actors) scoring in parallel")
+    actors: int | None = field(None, "model replicas (Ray Data actors) scoring in parallel (default: one per CPU, one thread each, at most one per input file)")
     overwrite: bool = field(False, "replace an existing output")
     storage: str = field(default_storage(), "storage root whose local MLflow store is used without a tracking URI")
     tracking_uri: str | None = field(None, "MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the store under --storage)")
@@ -45,7 +45,7 @@ class PredictConfig:
             raise ConfigError("--input is required: a Parquet file, folder or URI")
         if not self.output:
             raise ConfigError("--output is required: a folder or URI")
-        if self.batch_size < 1 or self.actors < 1:
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise ConfigError("--batch-size and --actors must be at least 1")
 
 
@@ -61,8 +61,7 @@ def run_predict(config: PredictConfig) -> tuple[int, int]:
     console.stage("data", f"{rows} rows in {config.input}")
     console.enter("predict")
     runtime.init_ray(config.ray_address)
-    dataset = batch_inference.predictions(config.input, model, config.text_column, config.batch_size, config.actors,
-                                          batch_inference.cpus_for_actors(config.actors))
+    dataset = batch_inference.predictions(config.input, model, config.text_column, config.batch_size, config.actors)
     started = time.perf_counter()
     written, files = batch_inference.write_predictions(dataset, rows, config.output, config.overwrite)
     elapsed = time.perf_counter() - started

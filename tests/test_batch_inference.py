@@ -207,3 +207,22 @@ def test_backend_choice_follows_the_version_tags():
         choose_backend("onnx", tags, "m v1")
     with pytest.raises(ConfigError, match="'tensorrt' is not one of auto, torch, onnx, onnx-int8"):
         choose_backend("tensorrt", tags, "m v1")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "requested, files, cpus, expected",
+    [
+        (None, 16, 2, (2, 0.875, 1)),  # one single-threaded actor per CPU, after the reads' 0.25
+        (None, 16, 8, (8, 0.96875, 1)),
+        (None, 3, 8, (3, 7.75 / 3, 3)),  # no more actors than files (blocks): the CPUs go to threads
+        (None, 1, 2, (1, 1.75, 2)),
+        (4, 1, 2, (4, 0.4375, 1)),  # asked for: as asked
+        (None, 16, 1, (1, 0.75, 1)),
+    ],
+)
+def test_actor_plan_gives_each_cpu_a_single_threaded_model(requested, files, cpus, expected):
+    from pipelines.batch_inference import plan_actors
+
+    plan = plan_actors(requested, files, total_cpus=cpus)
+    assert (plan.actors, plan.cpus_per_actor, plan.threads) == pytest.approx(expected)
