@@ -33,7 +33,8 @@ ends near 230 words, then cut at a sentence end. The output says which, with the
 and tokens.
 
 Lines at the end: `speedup_int8=` (onnx-int8 vs torch through Serve, req/s at the highest
-concurrency), `accuracy_delta_int8=` (torch minus onnx-int8 test accuracy in points, from
+concurrency), `bare_speedup_int8=` (the same, bare: what the CPU itself gives int8 over
+torch, which Serve cannot exceed), `accuracy_delta_int8=` (torch minus onnx-int8 test accuracy in points, from
 the version's tags `backend.<b>.accuracy` that registration scored on its test split),
 `ratio_<backend>=` (Serve req/s / bare texts/s at the highest concurrency), then the
 targets: speedup_int8 >= 2.0 with accuracy_delta_int8 <= 0.5; Serve/bare >= 0.8 for each
@@ -472,6 +473,9 @@ def report(results: dict[str, BackendResult], tags: dict, eval_rows: int | None,
     print(f"test accuracy (version tags, registration's {eval_rows or '?'} test reviews): {accuracies or 'no tags'}; "
           f"default backend {tags.get('backend.default', '?')}")
     print(f"speedup_int8={speedup:.3f}")
+    # the same ratio without Serve: what this CPU gives int8 over torch, the ceiling of speedup_int8
+    bare_speedup = int8_r.bare / torch_r.bare if torch_r and int8_r else float("nan")
+    print(f"bare_speedup_int8={bare_speedup:.3f}")
     print(f"accuracy_delta_int8={delta:.2f}")
     for r in results.values():
         print(f"ratio_{r.backend}={r.ratio:.3f}")

@@ -11,7 +11,7 @@ Two deployments in one application:
   serve/http_api.py, so API key, Content-Type, body size and input limits are checked at
   the door. It sends valid requests to the model deployment through a DeploymentHandle,
   at most 4 calls per model replica in flight; requests that queue up meanwhile go
-  together, up to `max_batch_size` of them in one call, so that under load Serve's
+  together, up to `max_batch_size / 4` of them in one call, so that under load Serve's
   per-call work is paid per batch rather than per request. When the model replica
   running a call dies (`kill -9`, OOM, a lost node), the ingress re-sends it to another one: at most `RetryPolicy.max_attempts` tries, with a
   short back-off, and none once the request is older than the proxy's timeout. A
@@ -318,7 +318,9 @@ class SentimentIngress:
     def _apply(self, serving: ServingConfig) -> None:
         """The model deployment's user_config, as far as the door is concerned: limits, requests per call."""
         self._limits = limits_of(serving)
-        self._forward.set_max_batch_size(serving.max_batch_size)
+        # a model replica's calls in flight then hold about one forward pass of texts: one
+        # large call landing on a replica while another idles would make a latency tail
+        self._forward.set_max_batch_size(max(1, serving.max_batch_size // CALLS_PER_MODEL_REPLICA))
 
     async def _follow_model(self) -> None:
         while True:
