@@ -88,7 +88,7 @@ def bare_loop(classifiers: list, threads: int, texts: list[str], batch_size: int
         torch.set_num_threads(threads)  # torch's count is per OS thread (ONNX Runtime's per session)
         classifiers[index].probabilities(texts[:batch_size])  # allocator, kernel choice, thread pools
         ready.wait()
-        for start in list(starts)[index :: len(classifiers)]:
+        for start in starts[index :: len(classifiers)]:
             labels[start] = classifiers[index].probabilities(texts[start : start + batch_size]).argmax(axis=-1)
 
     workers = [threading.Thread(target=stream, args=(i,)) for i in range(len(classifiers))]

@@ -13,10 +13,10 @@ Two deployments in one application:
   at most 4 calls per model replica in flight; requests that queue up meanwhile go
   together, up to `max_batch_size / 4` of them in one call, so that under load Serve's
   per-call work is paid per batch rather than per request. When the model replica
-  running a call dies (`kill -9`, OOM, a lost node), the ingress re-sends it to another one: at most `RetryPolicy.max_attempts` tries, with a
-  short back-off, and none once the request is older than the proxy's timeout. A
-  prediction is idempotent, so a re-run is safe; an error raised by the model itself is
-  never retried. The client sees a slower answer, not an error. `/readyz` and `/v1/model`
+  running a call dies (`kill -9`, OOM, a lost node), the ingress re-sends it to another
+  one: at most `RetryPolicy.max_attempts` tries, with a short back-off, and none once the
+  request is older than the proxy's timeout. A prediction is idempotent, so a re-run is
+  safe; an error raised by the model itself is never retried. The client sees a slower answer, not an error. `/readyz` and `/v1/model`
   answer from a cache of the model deployment's status (model version, user_config),
   refreshed every few seconds while traffic flows and at once when an answer names
   another version, so hot swaps show up there too.
@@ -110,6 +110,13 @@ def most_replicas(options: dict[str, Any]) -> int:
     if not autoscaling:
         return 1
     return int(autoscaling["max_replicas"] if isinstance(autoscaling, dict) else autoscaling.max_replicas)
+
+
+def requests_per_call(serving: ServingConfig) -> int:
+    """The most requests the ingress puts in one model call: a model replica's calls in flight
+    then hold about one forward pass of texts (one large call landing on a replica while
+    another idles would make a latency tail)."""
+    return max(1, serving.max_batch_size // CALLS_PER_MODEL_REPLICA)
 
 
 def limits_of(serving: ServingConfig) -> RequestLimits:
@@ -279,7 +286,7 @@ class SentimentClassifier:
 class SentimentIngress:
     """The HTTP door (serve/http_api.Backend): checks requests, forwards predictions, retries lost ones."""
 
-    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict, calls_in_flight: int = 8):
+    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict, calls_in_flight: int):
         self.model = model
         self.retry = RetryPolicy(**retry)
         self.guard = ApiKeyGuard(load_api_key())
@@ -290,8 +297,11 @@ class SentimentIngress:
         # and that is CPU the model replicas get back. No wait: under light load every request
         # goes at once, alone. With enough calls in flight every model replica has work; the
         # replica cuts what it receives into forward passes of max_batch_size texts.
-        self._forward = serve.batch(max_batch_size=32, batch_wait_timeout_s=0, max_concurrent_batches=calls_in_flight)(self._send_together)
-        self._apply(ServingConfig.from_user_config(serving))  # until the model says otherwise
+        serving_config = ServingConfig.from_user_config(serving)  # until the model says otherwise
+        self._forward = serve.batch(
+            max_batch_size=requests_per_call(serving_config), batch_wait_timeout_s=0, max_concurrent_batches=calls_in_flight
+        )(self._send_together)
+        self._limits = limits_of(serving_config)
         self._model_info: dict | None = None
         self._wanted = False  # a request came in since the last refresh: the cache is worth refreshing
         self._wake = asyncio.Event()  # an answer named another model version: refresh now
@@ -318,9 +328,7 @@ class SentimentIngress:
     def _apply(self, serving: ServingConfig) -> None:
         """The model deployment's user_config, as far as the door is concerned: limits, requests per call."""
         self._limits = limits_of(serving)
-        # a model replica's calls in flight then hold about one forward pass of texts: one
-        # large call landing on a replica while another idles would make a latency tail
-        self._forward.set_max_batch_size(max(1, serving.max_batch_size // CALLS_PER_MODEL_REPLICA))
+        self._forward.set_max_batch_size(requests_per_call(serving))
 
     async def _follow_model(self) -> None:
         while True:
