@@ -5,8 +5,8 @@ truncation to the run's `max_length`, special tokens; the same steps training sa
 and one backend:
 
 - `torch`: the Hugging Face model, as trained;
-- `onnx`: the same graph exported with `torch.onnx`, its attention, layer norms and GELUs
-  fused into ONNX Runtime's own kernels (pipelines.onnx_graph), run by ONNX Runtime;
+- `onnx`: the same graph exported with `torch.onnx`, its attention and GELUs fused into
+  ONNX Runtime's own kernels (pipelines.onnx_graph), run by ONNX Runtime;
 - `onnx-int8`: that graph with dynamically quantized int8 weights (MatMul/Gemm and the
   fused attention's QKV projection), about 4x smaller and, on CPUs with VNNI/AMX, about
   2x faster again, at a small accuracy cost that registration measures
@@ -113,13 +113,15 @@ class OnnxBackend:
     def __init__(self, path: str | Path, name: str = "onnx", threads: int | None = None):
         import onnxruntime as ort
 
+        from pipelines.onnx_graph import ORT_FUSIONS_OFF
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if name == "onnx" else ["CPUExecutionProvider"]
         providers = [p for p in wanted if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=ORT_FUSIONS_OFF)
         self.name = name
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
