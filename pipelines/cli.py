@@ -138,6 +138,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     failure of the platform or the cluster (any other error; its traceback is in the log).
     """
     logging.basicConfig(level=logging.INFO, format=console.LOG_FORMAT)
+    console.hold_output_until_exit()
     try:
         code = main(argv)
     except (ConfigError, DataError) as exc:
@@ -160,6 +161,6 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
 
 def _report(line: str) -> None:
     """The error line, then (when the job ran in a console session) its stage and the full log."""
-    print(line, file=sys.stderr)
+    console.tell(line)
     if console.log_path() is not None:
-        print(f"failed in stage: {console.current_stage()}; full log: {console.log_path()}", file=sys.stderr)
+        console.tell(f"failed in stage: {console.current_stage()}; full log: {console.log_path()}")

@@ -44,6 +44,31 @@ class _Session:
 
 _SESSION: _Session | None = None
 _LAST: _Session | None = None  # for the error line after the session closed
+# An entry point's process ends with its session. What runs after it (interpreter
+# shutdown, atexit handlers, library threads still logging, a signal's aftermath) keeps
+# writing to the log file; the terminal gets only `tell` lines (see hold_output_until_exit).
+_HOLD_UNTIL_EXIT = False
+_HELD_TERMINALS: tuple[TextIO, TextIO] | None = None  # (stdout, stderr) of a held session
+
+
+def hold_output_until_exit() -> None:
+    """Sessions opened from now on leave fds 1 and 2 on the log file when they end.
+
+    For entry points (pipelines.cli.run_main): the process exits right after the session,
+    and anything printed on the way out (Ray's and MLflow's threads, atexit handlers,
+    "Exception ignored in ..." lines after a Ctrl-C) belongs in the log, not on the console.
+    """
+    global _HOLD_UNTIL_EXIT
+    _HOLD_UNTIL_EXIT = True
+
+
+def tell(line: str) -> None:
+    """A line for the person after the session ended (the error lines): stderr of the terminal."""
+    stream = _HELD_TERMINALS[1] if _HELD_TERMINALS else sys.stderr
+    stream.write(line + "\n")
+    stream.flush()
+    if _HELD_TERMINALS:
+        print(line, file=sys.stderr, flush=True)  # stderr is the log file
 
 
 def log_dir_for(storage: str) -> Path:
@@ -173,7 +198,7 @@ def session(job: str, log_dir: Path, verbose: bool = False) -> Iterator[Path]:
 
     On an exception the traceback goes to the log file; the caller prints the one line.
     """
-    global _SESSION, _LAST
+    global _SESSION, _LAST, _HELD_TERMINALS
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     sys.stdout.flush()
@@ -206,11 +231,15 @@ def session(job: str, log_dir: Path, verbose: bool = False) -> Iterator[Path]:
             logging.getLogger().addHandler(existing)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
-        os.close(saved_out)
-        os.close(saved_err)
-        terminal.close()
+        if _HOLD_UNTIL_EXIT and not verbose:
+            _HELD_TERMINALS = (terminal, open(saved_err, "w", encoding="utf-8", errors="replace", buffering=1))
+            os.close(saved_out)
+        else:
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            terminal.close()
 
 
 def _log_handlers(path: Path, verbose: bool) -> tuple[logging.Handler, list[logging.Handler]]:

@@ -205,3 +205,37 @@ def test_a_platform_failure_exits_1_with_its_stage_and_the_traceback_only_in_the
         f"failed in stage: training; full log: {log_file}",
     ]
     assert "Traceback" in log_file.read_text() and "second line" in log_file.read_text()
+
+
+INTERRUPTED_SCRIPT = """
+import atexit, logging, os, sys, threading, time
+from pathlib import Path
+from pipelines import cli, console
+
+def main(argv):
+    # what libraries do on the way out: an atexit hook printing, a thread logging late
+    atexit.register(lambda: print("an atexit hook's last words"))
+    late = threading.Thread(target=lambda: (time.sleep(0.5), logging.getLogger("mlflow").info("a late library line")))
+    with console.session("unit", Path(sys.argv[1])):
+        console.stage("sweep", "2 trials")
+        late.start()
+        raise KeyboardInterrupt
+
+try:
+    cli.run_main(main, [])
+finally:
+    time.sleep(1)  # the late thread logs after the session ended
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_entry_point_keeps_what_is_printed_after_its_session_in_the_log(tmp_path):
+    """Ctrl-C: the console gets the stage and two lines; late library output goes to the log, not the console."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_SCRIPT, str(tmp_path / "logs")], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 130
+    log_file = next((tmp_path / "logs").glob("unit-*.log"))
+    assert result.stdout.splitlines()[1:] == ["[sweep] 2 trials"], result.stdout
+    assert result.stderr.splitlines() == ["interrupted", f"failed in stage: sweep; full log: {log_file}"]
+    logged = log_file.read_text()
+    for line in ("an atexit hook's last words", "a late library line", "interrupted", "failed in stage: sweep"):
+        assert line in logged
