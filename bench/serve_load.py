@@ -85,6 +85,7 @@ from pipelines.errors import PlatformError  # noqa: E402
 from pipelines.inference import BACKENDS  # noqa: E402
 from pipelines.registry import CHAMPION  # noqa: E402
 from pipelines.storage import default_storage  # noqa: E402
+from serve.http_proxy import PROXIES, use_haproxy  # noqa: E402
 from serve.model_store import ModelNotFound, ModelSelector, ModelStore  # noqa: E402
 from serve.settings import ModelSource, ServingConfig  # noqa: E402
 
@@ -512,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=512, help="distinct reviews cycled through (default: %(default)s)")
     parser.add_argument("--data", default=None, help="a prepared dataset ('imdb', 'sample', a folder) whose test split gives the texts "
                         "(default: sample-corpus reviews lengthened to review length)")
+    parser.add_argument("--http-proxy", default="serve", choices=PROXIES,
+                        help="the HTTP proxy in front of the app: Serve's own, or HAProxy (serve/http_proxy.py) (default: %(default)s)")
     parser.add_argument("--unbatched", action="store_true", help="also measure Serve with batching off at the highest concurrency")
     parser.add_argument("--register-demo", action="store_true", help="smoke test: register a tiny random BERT in a new temporary "
                         "store (ignoring --storage and --tracking-uri) and benchmark it")
@@ -559,7 +562,8 @@ def run(args, selector: ModelSelector) -> int:
         print(f"model: models:/{name}/{number}; backends in its folder: "
               + ", ".join(f"{v['backend']}{'' if v.get('usable') else ' (unusable)'}" for v in load_scores(folder)["variants"]))
         print(f"texts: {len(texts)} {what}; {describe_texts(folder, texts)}")
-        print(f"machine: {cpus} CPUs; Serve: {args.replicas} replicas x {cpus_per_replica:g} CPU ({threads_per_replica} thread(s) each), "
+        print(f"machine: {cpus} CPUs; Serve behind {args.http_proxy}'s HTTP proxy: {args.replicas} replicas x {cpus_per_replica:g} CPU "
+              f"({threads_per_replica} thread(s) each), "
               f"max_batch_size {args.max_batch_size}, batch wait {args.batch_wait_timeout_s * 1000:g} ms; "
               f"{args.duration:g} s per level after {args.warmup:g} s warm-up", flush=True)
         eval_rows = next((v.get("rows") for v in load_scores(folder)["variants"] if v["backend"] == "torch"), None)
@@ -579,6 +583,8 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
     from pipelines.runtime import init_ray
 
     layouts = sorted({(1, cpus), (args.replicas, threads_per_replica)})
+    if args.http_proxy == "haproxy":
+        use_haproxy(joining_cluster=False)  # before Ray starts: Serve's controller reads it from its environment
     init_ray(num_cpus=cpus)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -387,9 +387,12 @@ def register_model(model_dir: str, tokenizer_path: str, register_as: str, manife
     """log_model with the run's preprocessing, scored on the dataset's test split; says so on the console."""
     from pipelines.datasets import read_split_table
     from pipelines.inference import InferenceSettings
+    from pipelines.variants import MAX_EVAL_ROWS
 
-    console.enter("registration")
     test = read_split_table(manifest, "test")
+    # minutes on a CPU (export, quantization, three passes over the test sample): say what runs
+    console.stage("registration", f"ONNX export and int8 quantization, then torch, onnx and onnx-int8 each scored on "
+                                  f"{min(test.num_rows, MAX_EVAL_ROWS)} test reviews")
     info, scores = log_model(model_dir, tokenizer_path, register_as, InferenceSettings(max_length, truncation),
                              test.column("text").to_pylist(), test.column("label").to_pylist())
     console.stage("registration", "backends on {} test reviews: {}".format(scores[0].rows, "; ".join(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines import console
 from pipelines.errors import ConfigError
 from pipelines.inference import BACKENDS, ONNX_FILE, InferenceSettings, export_onnx, load_classifier_from, quantize_int8
 
@@ -89,8 +90,10 @@ def score_variants(folder: Path, texts: list[str], labels: list[int], threads: i
         classifier = load_classifier_from(folder, backend, threads=threads)
         classifier.probabilities(texts[:2])  # warm-up: allocator, kernel choice
         start, labels_out = time.perf_counter(), []
-        for first in range(0, len(texts), EVAL_BATCH):
-            labels_out.append(classifier.probabilities(texts[first:first + EVAL_BATCH]).argmax(axis=-1))
+        with console.progress(len(texts), f"score {backend}", unit="reviews") as progress:
+            for first in range(0, len(texts), EVAL_BATCH):
+                labels_out.append(classifier.probabilities(texts[first:first + EVAL_BATCH]).argmax(axis=-1))
+                progress.update(len(labels_out[-1]))
         speeds[backend] = len(texts) / max(time.perf_counter() - start, 1e-9)
         predictions[backend] = np.concatenate(labels_out) if labels_out else np.zeros(0, dtype=np.int64)
     truth = np.asarray(labels)

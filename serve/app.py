@@ -56,6 +56,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines.errors import ConfigError
 from serve.http_api import build_http_app
+from serve.http_proxy import PROXIES, use_haproxy
 from serve.metrics import IngressMetrics, ServingMetrics
 from serve.schemas import RequestError, RequestLimits
 from serve.security import ApiKeyGuard, load_api_key
@@ -500,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         "--proxy-location", default="EveryNode", choices=("EveryNode", "HeadOnly"),
         help="where Serve runs HTTP proxies: every node (behind a load balancer), or the head only (default: %(default)s)",
     )
+    http.add_argument(
+        "--http-proxy", default="serve", choices=PROXIES,
+        help="what takes HTTP in front of the app: Serve's Python proxy, or HAProxy (less CPU per request; serve/http_proxy.py) (default: %(default)s)",
+    )
     http.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's output on the console too (it always goes to the log file)")
     args = parser.parse_args(argv)
@@ -509,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.request_timeout_s > 0:
         raise ConfigError(f"--request-timeout-s must be positive, got {args.request_timeout_s}")
     retry = RetryPolicy(budget_s=args.request_timeout_s)  # a retry after the proxy's 408 would help no one
+    if args.http_proxy == "haproxy":
+        use_haproxy(joining_cluster=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
 
     from pipelines import console
 

@@ -68,7 +68,7 @@ def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(tmp_path, 
     assert not noisy, f"library output on the console: {noisy}"
     for stage in STAGES:
         assert any(line.startswith(stage) for line in lines), f"no {stage} line in:\n{output}"
-    for bar in ("tokenize train", "epoch 1/2", "epoch 2/2", "epoch 1 validation", "test"):
+    for bar in ("tokenize train", "epoch 1/2", "epoch 2/2", "epoch 1 validation", "test", "score torch", "score onnx", "score onnx-int8"):
         assert any(line.startswith(f"{bar}:") and "100%" in line for line in lines), f"no finished {bar!r} bar in:\n{output}"
 
     log_file = Path(lines[0].split()[1])

