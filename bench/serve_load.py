@@ -2,7 +2,7 @@
 
     python bench/serve_load.py [--model-uri models:/imdb-sentiment@champion] [--storage DIR]
                                [--backends torch onnx onnx-int8] [--duration 20] [--concurrency 1 8 32]
-                               [--replicas 2] [--data imdb] [--unbatched] [--register-demo]
+                               [--replicas 2] [--data imdb] [--http-proxy serve|haproxy] [--unbatched] [--register-demo]
 
 For each backend of --backends (torch, onnx, onnx-int8: the registered version's model
 folder, pipelines.variants), with the same texts:
@@ -22,6 +22,8 @@ folder, pipelines.variants), with the same texts:
   highest-concurrency Serve run, whose figure is compared with the mean of the two: on a
   shared machine the background load drifts, and a limit measured minutes apart would make
   the ratio a measure of the neighbours.
+- With --http-proxy haproxy, HAProxy takes the HTTP requests instead of Serve's Python
+  proxy (serve/http_proxy.py), as `python -m serve.app --http-proxy haproxy` runs it.
 - With --unbatched, also Serve with batching off (max_batch_size 1) at the highest
   concurrency, per backend, against a third bare measurement.
 
