@@ -47,8 +47,8 @@ PASSTHROUGH_ENV = (
     "AWS_EC2_METADATA_DISABLED",
     "MLFLOW_S3_ENDPOINT_URL",
 )
-# CPUs left free for Ray Data next to the Train workers (tokenizer actors, reads): three
-# splits' actors at 0.25 + reads at 0.1; without them the run hangs in backpressure.
+# CPUs left free for Ray Data next to the Train workers (tokenizer tasks at 0.25, reads at
+# 0.1, three splits streaming at once); without them the run hangs in backpressure.
 DATA_CPU_RESERVE = 0.6
 MIN_OBJECT_STORE = 256 * 1024**2
 MAX_LOCAL_OBJECT_STORE = 4 * 1024**3

@@ -1,6 +1,6 @@
 """Ray Datasets from a dataset manifest: stream Parquet shards through the tokenizer.
 
-Nothing here materializes a split: `read_parquet` -> `map_batches(TokenizeBatch)`
+Nothing here materializes a split: `read_parquet` -> `map_batches(tokenize_batch)`
 are lazy, and the trainer pulls blocks as it consumes them.
 
 Resource sizing matters on small machines: Ray Data's read and map tasks reserve a
@@ -17,14 +17,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import DataContext, TaskPoolStrategy
 from ray.train import DataConfig
 
 from pipelines import console
 from pipelines.config import TrainConfig
 from pipelines.datasets import Manifest
 from pipelines.errors import DataError
-from pipelines.tokenization import TokenizeBatch, TokenizerSettings
+from pipelines.tokenization import TokenizerSettings, rust_tokenizer_agrees, tokenize_batch
 
 log = logging.getLogger(__name__)
 TEXT_COLUMNS = ["text", "label"]
@@ -40,8 +40,7 @@ class DataResources:
 
     read_cpus: float = 0.1  # Parquet decoding is light; a fraction keeps it schedulable
     tokenize_cpus: float = 0.25
-    tokenizer_actors_min: int = 1
-    tokenizer_actors_max: int = 2
+    tokenize_tasks_max: int = 2  # tokenizer tasks at once (each worker process keeps its tokenizer)
     tokenize_batch_size: int = 256  # rows per tokenizer call: amortizes Python overhead
 
     def as_dict(self) -> dict:
@@ -49,9 +48,9 @@ class DataResources:
 
     @classmethod
     def for_cluster(cls, cpus_free_for_data: float) -> "DataResources":
-        """Scale tokenizer actors with the CPUs that training leaves over."""
+        """Scale tokenizer tasks with the CPUs that training leaves over."""
         if cpus_free_for_data >= 4:
-            return cls(read_cpus=0.5, tokenize_cpus=1.0, tokenizer_actors_min=1, tokenizer_actors_max=max(1, int(cpus_free_for_data // 2)))
+            return cls(read_cpus=0.5, tokenize_cpus=1.0, tokenize_tasks_max=max(1, int(cpus_free_for_data // 2)))
         return cls()
 
 
@@ -91,13 +90,14 @@ def tokenize(
     tokenizer: TokenizerSettings,
     resources: DataResources = DataResources(),
 ) -> ray.data.Dataset:
-    """{"text", "label"} -> {"input_ids" (ragged), "length", "label"}, in tokenizer actors."""
+    """{"text", "label"} -> {"input_ids" (ragged), "length", "label"}, in tokenizer tasks."""
     return dataset.map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs={"settings": tokenizer.as_dict()},
+        tokenize_batch,
+        # checked here, in the driver: the workers then load tokenizer.json alone
+        fn_kwargs={"settings": tokenizer.as_dict(), "rust": rust_tokenizer_agrees(tokenizer.model_name_or_path)},
         batch_size=resources.tokenize_batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=resources.tokenizer_actors_min, max_size=resources.tokenizer_actors_max),
+        compute=TaskPoolStrategy(size=resources.tokenize_tasks_max),
         num_cpus=resources.tokenize_cpus,
         udf_modifying_row_count=False,
     )
@@ -113,8 +113,7 @@ def tokenized_splits(
     """Tokenized Datasets per split, ready for `TorchTrainer(datasets=...)`.
 
     `cache`: tokenize now and keep the token ids in the object store (in shard order).
-    Otherwise every epoch reads and tokenizes again, and starts tokenizer actors again:
-    seconds of idle accelerator per epoch. The order within an epoch is the training
+    Otherwise every epoch reads and tokenizes again. The order within an epoch is the training
     worker's business (pipelines.batching), so a cached split still gets a new one
     every epoch.
     """

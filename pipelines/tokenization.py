@@ -1,8 +1,8 @@
 """Tokenize reviews once, in Ray Data, and pad per batch when the trainer collates.
 
-- `TokenizeBatch`: a callable class for `Dataset.map_batches`; each Ray Data actor
-  loads the tokenizer once in `__init__` and then turns text batches into
-  variable-length token id arrays (no padding yet).
+- `TokenizeBatch` turns text batches into variable-length token id arrays (no padding
+  yet); `tokenize_batch` is the same as a plain function for `Dataset.map_batches`
+  tasks, keeping one `TokenizeBatch` per worker process.
 - Truncation keeps the head, or the head and the tail, of a long review: IMDB
   reviewers often give the verdict in the last sentences, and head+tail beats
   head-only on IMDB (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification").
@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipelines.errors import ConfigError
 
@@ -62,6 +63,62 @@ def load_tokenizer(model_name_or_path: str):
         ) from exc
 
 
+class RustTokenizer:
+    """The model folder's `tokenizer.json` through the `tokenizers` library alone.
+
+    Called like a transformers tokenizer for what this module needs (`input_ids`), it
+    loads in milliseconds where `AutoTokenizer` imports transformers, torch and
+    scikit-learn (about 7 s on 2 cores) in every fresh Ray Data worker. Used only where
+    `rust_tokenizer_agrees` found it gives the same ids as `AutoTokenizer`.
+    """
+
+    def __init__(self, tokenizer_file: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_truncation()  # tokenizer.json may carry the model's max length
+        self.tokenizer.no_padding()
+
+    def __call__(self, texts, add_special_tokens: bool = True, **_: object) -> dict[str, list]:
+        if isinstance(texts, str):
+            return {"input_ids": self.tokenizer.encode(texts, add_special_tokens=add_special_tokens).ids}
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [encoding.ids for encoding in encodings]}
+
+
+# texts the two tokenizers must agree on: markup, accents, other scripts, emoji,
+# control characters, long words and numbers, odd spacing
+AGREEMENT_PROBES = (
+    "A moving story with wonderful acting.",
+    "<br /><br />Dull, predictable &amp; far too long... 2/10!!!",
+    "Naïve café déjà vu: Ångström, Straße, ÉCOLE, İstanbul",
+    "日本語のレビュー、とても良かった。 Хороший фильм. فيلم رائع 영화",
+    "Loved it 😂👍🏽 — “quotes” ‘single’ … ™ © ½ ∞",
+    "tab\tand\nnewline\r\n  many   spaces\u00a0nbsp\u200bzero-width\x00nul",
+    "Supercalifragilisticexpialidocious antidisestablishmentarianism 1234567890 3.14159 $1,000,000",
+    "",
+)
+
+
+@functools.lru_cache(maxsize=8)
+def rust_tokenizer_agrees(model_name_or_path: str) -> bool:
+    """Whether `RustTokenizer` gives `AutoTokenizer`'s ids for this model (checked once per process).
+
+    False without a local `tokenizer.json` (hub ids, slow-only tokenizers) and whenever
+    the model's tokenizer settings change what tokenizer.json alone would do: training
+    must tokenize as Serve does, and Serve loads `AutoTokenizer`.
+    """
+    tokenizer_file = Path(model_name_or_path) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return False
+    reference, light = load_tokenizer(model_name_or_path), RustTokenizer(tokenizer_file)
+    for add_special_tokens in (False, True):
+        expected = reference(list(AGREEMENT_PROBES), add_special_tokens=add_special_tokens, truncation=False, verbose=False)["input_ids"]
+        if light(list(AGREEMENT_PROBES), add_special_tokens=add_special_tokens)["input_ids"] != [list(ids) for ids in expected]:
+            return False
+    return True
+
+
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The ids a single sequence is wrapped in ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa).
 
@@ -90,11 +147,13 @@ def truncate(ids: list[int], budget: int, mode: str, head_fraction: float = HEAD
 class TokenizeBatch:
     """map_batches UDF: {"text", "label"} -> {"input_ids" (ragged int32), "length", "label"}."""
 
-    def __init__(self, settings: dict):
-        # Rust tokenizers spawn threads per call; inside Ray actors that oversubscribes CPUs.
+    def __init__(self, settings: dict, rust: bool = False):
+        """`rust`: load tokenizer.json with `RustTokenizer` (where `rust_tokenizer_agrees`)."""
+        # Rust tokenizers spawn threads per call; inside Ray workers that oversubscribes CPUs.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.settings = TokenizerSettings(**settings)
-        self.tokenizer = load_tokenizer(self.settings.model_name_or_path)
+        path = self.settings.model_name_or_path
+        self.tokenizer = RustTokenizer(Path(path) / "tokenizer.json") if rust else load_tokenizer(path)
         self.prefix, self.suffix = special_token_frame(self.tokenizer)
         self.budget = self.settings.max_length - len(self.prefix) - len(self.suffix)
 
@@ -114,8 +173,26 @@ class TokenizeBatch:
         }
 
 
-def pad_batch(input_ids: list[np.ndarray] | np.ndarray, pad_token_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=4)
+def _tokenizer_for(settings: tuple, rust: bool) -> TokenizeBatch:
+    return TokenizeBatch(dict(settings), rust)
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], settings: dict, rust: bool = False) -> dict[str, np.ndarray]:
+    """`TokenizeBatch` as a map_batches function: Ray Data tasks, not actors.
+
+    The tokenizer is loaded once per worker process and Ray keeps those processes between
+    tasks, so the second split or the next epoch starts tokenizing at once. An actor pool
+    started fresh processes for each split and each epoch, and each imported transformers
+    (about 7 s on 2 cores; `rust` avoids that in fresh workers too).
+    """
+    return _tokenizer_for(tuple(sorted(settings.items())), rust)(batch)
+
+
+def pad_batch(input_ids: list[np.ndarray] | np.ndarray, pad_token_id: int, multiple_of: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(ids, attention_mask), both (B, T) int64, T = longest row rounded up to `multiple_of`."""
+    import torch  # here: the tokenizer tasks import this module and never pad
+
     longest = max(len(row) for row in input_ids)
     width = -(-longest // multiple_of) * multiple_of
     ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
@@ -138,7 +215,9 @@ class PadCollate:
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
+        import torch
+
         ids, mask = pad_batch(batch["input_ids"], self.pad_token_id, self.multiple_of)
         return {
             "input_ids": ids,

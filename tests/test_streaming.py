@@ -47,8 +47,8 @@ def test_training_rows_arrive_in_shard_order_on_every_pass(ray_session, sample_m
     from pipelines.streaming import EvalSplitDataConfig, training_datasets
 
     config = TrainConfig(data=sample_manifest.root.uri, batch_size=16, max_length=32, group_by_length=False)
-    # small tokenizer batches and two actors: without preserve_order, blocks finish out of order
-    resources = DataResources(tokenize_batch_size=32, tokenizer_actors_min=2, tokenizer_actors_max=2)
+    # small tokenizer batches and two tasks: without preserve_order, blocks finish out of order
+    resources = DataResources(tokenize_batch_size=32, tokenize_tasks_max=2)
     datasets = training_datasets(sample_manifest, bundled_model_path, config, resources, cache=False)
 
     def random_delay(batch):  # defined here: pickled by value, workers cannot import test modules

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipelines.errors import ConfigError
 from pipelines.tokenization import (
     PadCollate,
+    RustTokenizer,
     TokenizeBatch,
     TokenizerSettings,
     load_tokenizer,
     pad_batch,
+    rust_tokenizer_agrees,
     special_token_frame,
+    tokenize_batch,
     truncate,
 )
 
@@ -184,3 +193,62 @@ def test_load_tokenizer_on_a_non_model_folder_names_the_path(tmp_path: Path) -> 
 def test_tokenize_batch_with_bad_model_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load a tokenizer"):
         TokenizeBatch({"model_name_or_path": str(tmp_path), "max_length": 32})
+
+
+# ---------------------------------------------------------------- the Rust tokenizer of the data workers
+
+
+@pytest.fixture(scope="module")
+def both_tokenizers(bundled_model_path: str):
+    return load_tokenizer(bundled_model_path), RustTokenizer(Path(bundled_model_path) / "tokenizer.json")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(max_size=300), min_size=1, max_size=4))
+def test_the_rust_tokenizer_gives_autotokenizers_ids(both_tokenizers, texts: list[str]) -> None:
+    """Any unicode, control characters included: training's ids are Serve's ids."""
+    reference, rust = both_tokenizers
+    for special in (False, True):
+        expected = reference(texts, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
+        assert rust(texts, add_special_tokens=special)["input_ids"] == [list(ids) for ids in expected]
+
+
+def test_the_bundled_and_the_tiny_model_tokenize_without_transformers(bundled_model_path: str, tiny_model_dir: str) -> None:
+    assert rust_tokenizer_agrees(bundled_model_path)
+    assert rust_tokenizer_agrees(tiny_model_dir)
+
+
+def test_a_tokenizer_json_that_autotokenizer_overrides_is_not_used_alone(bundled_model_path: str, tmp_path: Path) -> None:
+    """transformers rebuilds BERT's [CLS] ... [SEP] template; a tokenizer.json without one disagrees."""
+    folder = tmp_path / "model"
+    shutil.copytree(bundled_model_path, folder)
+    tokenizer_file = folder / "tokenizer.json"
+    payload = json.loads(tokenizer_file.read_text())
+    payload["post_processor"] = None
+    tokenizer_file.write_text(json.dumps(payload))
+
+    assert not rust_tokenizer_agrees(str(folder))
+    settings = TokenizerSettings(str(folder), 32).as_dict()
+    rows = tokenize_batch(batch_of("hi there"), settings, rust=rust_tokenizer_agrees(str(folder)))["input_ids"]
+    assert rows[0][0] == CLS and rows[0][-1] == SEP
+
+
+def test_a_model_without_tokenizer_json_keeps_autotokenizer(tmp_path: Path) -> None:
+    assert not rust_tokenizer_agrees(str(tmp_path))
+
+
+def test_a_data_worker_tokenizes_without_importing_torch_or_transformers(bundled_model_path: str) -> None:
+    """What a fresh Ray Data worker does for a split: seconds of imports saved per worker."""
+    program = f"""
+import sys
+import numpy as np
+from pipelines.tokenization import TokenizerSettings, tokenize_batch
+batch = {{"text": np.array(["A moving story."], dtype=object), "label": np.array([1])}}
+rows = tokenize_batch(batch, TokenizerSettings({bundled_model_path!r}, 32).as_dict(), rust=True)["input_ids"]
+print(rows[0].tolist(), sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids, imported = result.stdout.strip().rsplit(" [", 1)
+    assert ids.startswith(f"[{CLS}, ") and ids.endswith(f", {SEP}]")
+    assert imported == "]", f"imported: [{imported}"
