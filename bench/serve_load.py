@@ -66,7 +66,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -90,6 +89,7 @@ from pipelines.storage import default_storage  # noqa: E402
 from serve.http_proxy import PROXIES, use_haproxy  # noqa: E402
 from serve.model_store import ModelNotFound, ModelSelector, ModelStore  # noqa: E402
 from serve.settings import ModelSource, ServingConfig  # noqa: E402
+from pipelines.ports import free_port  # noqa: E402
 
 APP_NAME = "serve-load-bench"
 DEFAULT_MODEL_URI = f"models:/imdb-sentiment@{CHAMPION}"
@@ -371,10 +371,6 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: flo
 
 # --- Serve ---------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deploy(source: ModelSource, serving: ServingConfig, replicas: int, cpus_per_replica: float, base_url: str) -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pipelines import console
 from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
 from pipelines.streaming import DataResources
+from pipelines.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # machine it asks the wrong one (or fails), and a live trial's placement group gets
     # removed or a dead one's leaks. Fixing the GCS port up front lets every worker be
     # told its own cluster's address.
-    gcs_port = _free_port()
+    gcs_port = free_port("")  # the GCS listens on every interface of the head
     address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     runtime_env["env_vars"]["RAY_ADDRESS"] = address
     previous_port = os.environ.get("RAY_GCS_SERVER_PORT")
@@ -112,10 +112,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("started a local Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 _STARTED_LOCALLY = False

@@ -16,10 +16,14 @@ import functools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch  # the tokenizer tasks never import it: see pad_batch
 
 TRUNCATION_MODES = ("head", "head_tail")
 # Share of the token budget given to the head in head_tail mode: 128 of 510 in the
@@ -189,7 +193,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], settings: dict, rust: bool = Fa
     return _tokenizer_for(tuple(sorted(settings.items())), rust)(batch)
 
 
-def pad_batch(input_ids: list[np.ndarray] | np.ndarray, pad_token_id: int, multiple_of: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
+def pad_batch(input_ids: list[np.ndarray] | np.ndarray, pad_token_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (B, T) int64, T = longest row rounded up to `multiple_of`."""
     import torch  # here: the tokenizer tasks import this module and never pad
 
@@ -215,7 +219,7 @@ class PadCollate:
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         import torch
 
         ids, mask = pad_batch(batch["input_ids"], self.pad_token_id, self.multiple_of)

@@ -22,7 +22,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,16 +30,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Mapping
 
+from pipelines.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 START_MLFLOW_SCRIPT = REPO / "platform" / "mlflow" / "start_mlflow_server.sh"
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it; a tiny race with others remains)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _log_tail(path: Path, chars: int = 3000) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import json
@@ -28,6 +27,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+
+from pipelines.ports import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,10 +40,6 @@ MODEL = "imdb-sentiment"
 RUN_NAME = "imdb-20260101-000000-abc123"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict:

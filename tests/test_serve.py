@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from pipelines.ports import free_port
 from serve.settings import ModelSource, ScalingSettings, ServingConfig, split_app_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +70,6 @@ def registry(tmp_path_factory, tiny_model_dir):
     return {"storage": str(storage), "tracking_uri": tracking_uri, "client": client, "source": ModelSource(MODEL_NAME, str(storage), tracking_uri)}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

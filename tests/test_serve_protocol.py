@@ -11,7 +11,6 @@ labels with the real tokenizer, HTML and over-long reviews included.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from pipelines.ports import free_port
 from serve.http_api import build_http_app
 from serve.schemas import RequestLimits
 from serve.security import ApiKeyGuard
@@ -333,10 +333,6 @@ def test_pattern_in_the_schema_is_the_servers_idea_of_blank():
 
 # --- tritonclient over real HTTP ---------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -43,12 +42,6 @@ def setup_environment() -> None:
         sys.path.insert(0, str(REPO))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def build_tiny_model(folder: Path) -> str:
     """The tests' tiny random BERT (tests/tiny_model.py)."""
     from tests.tiny_model import build_tiny_model as build
@@ -74,6 +67,8 @@ def start_cluster(head_cpus: int, worker_cpus: list[int]):
     """
     import ray
     from ray.cluster_utils import Cluster
+
+    from pipelines.ports import free_port
 
     # fixed ports would collide with other Ray clusters on this machine (tests run in parallel)
     cluster = Cluster(
