@@ -55,8 +55,14 @@ MAX_LOCAL_OBJECT_STORE = 4 * 1024**3
 
 
 def worker_env() -> dict[str, str]:
+    from pipelines.tracking import users_tracking_uri
+
     env = dict(WORKER_ENV)
     env.update({name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ})
+    if not users_tracking_uri():
+        # only MLflow's export for an earlier run in this process: workers would take it
+        # for the user's store in every later run (pipelines.tracking)
+        env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 

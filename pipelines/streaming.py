@@ -89,12 +89,18 @@ def tokenize(
     dataset: ray.data.Dataset,
     tokenizer: TokenizerSettings,
     resources: DataResources = DataResources(),
+    rust: bool | None = None,
 ) -> ray.data.Dataset:
-    """{"text", "label"} -> {"input_ids" (ragged), "length", "label"}, in tokenizer tasks."""
+    """{"text", "label"} -> {"input_ids" (ragged), "length", "label"}, in tokenizer tasks.
+
+    `rust`: whether the tasks load tokenizer.json alone (`rust_tokenizer_agrees`); None
+    checks it here, in the calling process, once per model.
+    """
+    if rust is None:
+        rust = rust_tokenizer_agrees(tokenizer.model_name_or_path)
     return dataset.map_batches(
         tokenize_batch,
-        # checked here, in the driver: the workers then load tokenizer.json alone
-        fn_kwargs={"settings": tokenizer.as_dict(), "rust": rust_tokenizer_agrees(tokenizer.model_name_or_path)},
+        fn_kwargs={"settings": tokenizer.as_dict(), "rust": rust},
         batch_size=resources.tokenize_batch_size,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=resources.tokenize_tasks_max),
@@ -109,6 +115,7 @@ def tokenized_splits(
     splits: tuple[str, ...] = ("train", "val", "test"),
     resources: DataResources = DataResources(),
     cache: bool = False,
+    rust: bool | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """Tokenized Datasets per split, ready for `TorchTrainer(datasets=...)`.
 
@@ -120,7 +127,7 @@ def tokenized_splits(
     datasets = {}
     for split in splits:
         try:
-            dataset = tokenize(read_split(manifest, split, resources), tokenizer, resources)
+            dataset = tokenize(read_split(manifest, split, resources), tokenizer, resources, rust)
             if cache:
                 dataset.context.execution_options.preserve_order = True
                 dataset = materialize_with_progress(dataset, manifest.splits[split].rows, f"tokenize {split}")
@@ -188,9 +195,10 @@ def materialize_with_progress(dataset: ray.data.Dataset, rows: int, desc: str) -
     return output
 
 
-def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources, cache: bool) -> dict:
+def training_datasets(manifest: Manifest, model_path: str, config: TrainConfig, resources: DataResources, cache: bool, rust: bool | None = None) -> dict:
     """The tokenized train/val/test Datasets a run (or a Tune trial) trains on."""
-    return tokenized_splits(manifest, TokenizerSettings(model_path, config.max_length, config.truncation), resources=resources, cache=cache)
+    settings = TokenizerSettings(model_path, config.max_length, config.truncation)
+    return tokenized_splits(manifest, settings, resources=resources, cache=cache, rust=rust)
 
 
 class EvalSplitDataConfig(DataConfig):

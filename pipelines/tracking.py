@@ -44,12 +44,27 @@ def local_store(storage: str) -> tuple[str, str]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
 
+# `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI (for subprocesses). The value
+# exported for a run that had no URI from the user is ours, not the user's choice: a later
+# run in the same process (a notebook, a test session) with another --storage must not
+# take it for one and log into the first run's store.
+_exported_for_us: str | None = None
+
+
+def users_tracking_uri() -> str | None:
+    """$MLFLOW_TRACKING_URI as the user set it; None when unset or only MLflow's export for an earlier run here."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    return None if uri is not None and uri == _exported_for_us else uri
+
+
 def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else the local store.
 
     Returns (tracking URI, artifact root for new experiments or None for the server's own).
     """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    global _exported_for_us
+    from_env = users_tracking_uri()
+    uri = tracking_uri or from_env
     artifact_root = None
     if not uri:
         if is_remote(storage):
@@ -69,6 +84,7 @@ def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str |
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _exported_for_us = None if from_env else uri
     return uri, artifact_root
 
 

@@ -453,10 +453,12 @@ def build_app(
     autoscaling, resources...), `ingress_options` the ingress's (its runtime_env is where
     an API key for it goes in tests).
     """
+    from pipelines import tracking  # here: the ingress replicas import this module and never need MLflow
+
     check_api_key(ingress_options)
-    if source.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+    if source.tracking_uri is None and tracking.users_tracking_uri():
         # resolved here, on the driver, so replicas use the same store wherever they run
-        source = ModelSource(source.model_name, source.storage, os.environ["MLFLOW_TRACKING_URI"])
+        source = ModelSource(source.model_name, source.storage, tracking.users_tracking_uri())
     model = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
     ingress = SentimentIngress.options(**(ingress_options or {}))
     calls = CALLS_PER_MODEL_REPLICA * most_replicas(deployment_options)

@@ -97,7 +97,10 @@ def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(tmp_path, 
 def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(tmp_path, tiny_model_dir):
     storage = tmp_path / "storage"
     args = train_args(tiny_model_dir)
-    prepared = run_cli([*args, "--epochs", "1", "--max-steps-per-epoch", "1"], storage)
+    prepared = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare_imdb", "--source", "sample", "--name", "sample", "--storage", str(storage), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     # damage every train shard in place, keeping its size (a disk or copy fault, not a cut
     # file, which the size check would catch before the run starts): reading it fails

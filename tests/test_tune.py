@@ -185,7 +185,10 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     ]
     console_out = tmp_path / "console.txt"
     with console_out.open("w") as out:
-        driver = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        # the store under --storage, as the resume below in this process uses (not MLflow's
+        # export for the fixture's sweep, which a child would take for the user's choice)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     trial_results = storage / "tune_results" / "resume-me"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and driver.poll() is None:

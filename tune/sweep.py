@@ -41,7 +41,7 @@ from pipelines.errors import ConfigError, PlatformError
 from pipelines.model import resolve_model_path
 from pipelines.storage import resolve
 from pipelines.streaming import DataResources
-from pipelines.tokenization import load_tokenizer
+from pipelines.tokenization import load_tokenizer, rust_tokenizer_agrees
 from pipelines.training import best_model_folder
 from tune.settings import Dimension, SweepConfig, coerce
 
@@ -80,6 +80,7 @@ class SweepContext:
     alive_nodes: int
     object_store_bytes: float  # this trial's share
     threads_per_worker: int
+    rust_tokenizer: bool  # the data tasks load tokenizer.json alone (checked once, in the driver)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
     # bars would redraw into the sweep's log file, thousands of lines per trial
     DataContext.get_current().enable_progress_bars = False
     cache = streaming.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
-    datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache)
+    datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache, context.rust_tokenizer)
     loop_config = fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
     run_config = RunConfig(
         name=config.run_name,
@@ -577,7 +578,7 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                 experiment_id=experiment_id, parent_run_id=parent_run_id, sweep_name=sweep_name, use_gpu=use_gpu,
                 data_resources=data_resources.as_dict(), alive_nodes=runtime.alive_node_count(),
                 object_store_bytes=runtime.object_store_bytes() / concurrency,
-                threads_per_worker=threads,
+                threads_per_worker=threads, rust_tokenizer=rust_tokenizer_agrees(model_path),
             )
             console.stage("sweep", f"{sweep_name}: {trials_planned(config)} trials of up to {train.epochs} epochs, {concurrency} at once, "
                                    f"{config.search} search over {', '.join(swept)}, {config.scheduler.upper()} scheduler by {config.metric}; "
