@@ -84,12 +84,12 @@ os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 
 from pipelines.errors import PlatformError  # noqa: E402
 from pipelines.inference import BACKENDS  # noqa: E402
+from pipelines.ports import free_port  # noqa: E402
 from pipelines.registry import CHAMPION  # noqa: E402
 from pipelines.storage import default_storage  # noqa: E402
 from serve.http_proxy import PROXIES, use_haproxy  # noqa: E402
 from serve.model_store import ModelNotFound, ModelSelector, ModelStore  # noqa: E402
 from serve.settings import ModelSource, ServingConfig  # noqa: E402
-from pipelines.ports import free_port  # noqa: E402
 
 APP_NAME = "serve-load-bench"
 DEFAULT_MODEL_URI = f"models:/imdb-sentiment@{CHAMPION}"

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from pipelines import onnx_graph
-from pipelines.inference import InferenceSettings, export_onnx, load_classifier_from, quantize_int8
+from pipelines.inference import BACKENDS, CPU_ROWS_PER_PASS, InferenceSettings, export_onnx, load_classifier_from, quantize_int8
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,6 +77,25 @@ def test_fused_graphs_answer_like_torch_on_padded_batches(folder, backend, toler
     np.testing.assert_allclose(together, reference, atol=tolerance)
     # padding must not change a row: the same text alone (no padding) and in the batch
     np.testing.assert_allclose(together, one_by_one, atol=1e-5 if backend == "onnx" else 0.02)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_passes_of_similar_lengths_answer_as_one_pass_in_the_callers_order(folder, backend):
+    """On a CPU a call runs in passes of at most CPU_ROWS_PER_PASS texts, shortest first."""
+    texts = TEXTS[::-1] + TEXTS  # lengths up and down: the passes reorder them
+    one_pass = load_classifier_from(folder, backend)
+    one_pass.rows_per_pass = 0
+    in_passes = load_classifier_from(folder, backend)
+    assert in_passes.rows_per_pass == CPU_ROWS_PER_PASS > 0  # this machine has no GPU
+    in_passes.rows_per_pass = 4
+    shapes = []
+    logits = in_passes.backend.logits
+    in_passes.backend.logits = lambda ids, mask: shapes.append(ids.shape) or logits(ids, mask)
+
+    np.testing.assert_allclose(in_passes.probabilities(texts), one_pass.probabilities(texts), atol=1e-5 if backend != "onnx-int8" else 0.02)
+    assert [rows for rows, _ in shapes] == [4, 4, 4, 4, 2]
+    widths = [width for _, width in shapes]
+    assert widths == sorted(widths) and widths[0] < widths[-1], "each pass holds texts of similar length"
 
 
 def test_a_graph_the_fusions_break_is_kept_plain(folder, tmp_path, monkeypatch):

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from pipelines.ports import free_port
     from pipelines.runtime import init_ray
     from serve.app import build_app
     from serve.settings import ModelSource, ServingConfig
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(num_cpus=2)
     # name this cluster for the State API calls below (other Ray clusters may run on this machine)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    port = _scenario.free_port()
+    port = free_port()
     result: dict = {"clients": args.clients, "retries": args.retries}
     load = None
     try:
