@@ -175,9 +175,14 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
 
     from tune.sweep import run_sweep
 
+    from pipelines.tracking import local_store
+
     storage = tmp_path / "storage"
+    # named on both sides: the child and the resume below in this process use the same store,
+    # whatever $MLFLOW_TRACKING_URI earlier tests left in this process's environment
+    tracking_uri = local_store(str(storage))[0]
     args = [
-        sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir,
+        sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir, "--tracking-uri", tracking_uri,
         "--num-samples", "2", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
         "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
@@ -185,10 +190,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     ]
     console_out = tmp_path / "console.txt"
     with console_out.open("w") as out:
-        # the store under --storage, as the resume below in this process uses (not MLflow's
-        # export for the fixture's sweep, which a child would take for the user's choice)
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     trial_results = storage / "tune_results" / "resume-me"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and driver.poll() is None:
@@ -213,7 +215,8 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
         space=("warmup_ratio=uniform:0:0.1",), lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,),
         sweep_name="resume-me", resume=True,
         train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=2, batch_size=8, max_length=64,
-                          group_by_length=False, storage=str(storage), register_as="resume-sweep", experiment="sweep-tests"),
+                          group_by_length=False, storage=str(storage), tracking_uri=tracking_uri, register_as="resume-sweep",
+                          experiment="sweep-tests"),
     )
     outcome = run_sweep(config)
     assert outcome.parent_run_id == parent_before
