@@ -372,7 +372,6 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: flo
 # --- Serve ---------------------------------------------------------------------------------------
 
 
-
 def deploy(source: ModelSource, serving: ServingConfig, replicas: int, cpus_per_replica: float, base_url: str) -> set[str]:
     """A fresh app (new replicas load `serving.backend`); returns the backends its replicas report.
 

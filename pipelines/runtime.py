@@ -20,8 +20,8 @@ import ray
 from pipelines import console
 from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
-from pipelines.streaming import DataResources
 from pipelines.ports import free_port
+from pipelines.streaming import DataResources
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.get_runtime_context().gcs_address != address:
         log.warning("the local Ray is at %s, not %s", ray.get_runtime_context().gcs_address, address)
     log.info("started a local Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
-
-
 
 
 _STARTED_LOCALLY = False

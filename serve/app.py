@@ -456,9 +456,10 @@ def build_app(
     from pipelines import tracking  # here: the ingress replicas import this module and never need MLflow
 
     check_api_key(ingress_options)
-    if source.tracking_uri is None and tracking.users_tracking_uri():
+    users_uri = tracking.users_tracking_uri()
+    if source.tracking_uri is None and users_uri:
         # resolved here, on the driver, so replicas use the same store wherever they run
-        source = ModelSource(source.model_name, source.storage, tracking.users_tracking_uri())
+        source = ModelSource(source.model_name, source.storage, users_uri)
     model = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
     ingress = SentimentIngress.options(**(ingress_options or {}))
     calls = CALLS_PER_MODEL_REPLICA * most_replicas(deployment_options)

@@ -46,8 +46,6 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-
-
 def use_haproxy(joining_cluster: bool) -> str:
     """Set up the environment so the Serve controller that starts next runs HAProxy; returns the binary.
 

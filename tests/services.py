@@ -37,8 +37,6 @@ START_MLFLOW_SCRIPT = REPO / "platform" / "mlflow" / "start_mlflow_server.sh"
 HOST = "127.0.0.1"
 
 
-
-
 def _log_tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:] or "(empty log)"

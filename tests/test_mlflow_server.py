@@ -40,8 +40,6 @@ MODEL = "imdb-sentiment"
 RUN_NAME = "imdb-20260101-000000-abc123"
 
 
-
-
 def server_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

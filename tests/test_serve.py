@@ -70,8 +70,6 @@ def registry(tmp_path_factory, tiny_model_dir):
     return {"storage": str(storage), "tracking_uri": tracking_uri, "client": client, "source": ModelSource(MODEL_NAME, str(storage), tracking_uri)}
 
 
-
-
 @pytest.fixture(scope="module")
 def serve_url(ray_session):
     from ray import serve

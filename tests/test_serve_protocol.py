@@ -334,7 +334,6 @@ def test_pattern_in_the_schema_is_the_servers_idea_of_blank():
 # --- tritonclient over real HTTP ---------------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def live_server():
     """build_http_app(FakeBackend) on uvicorn in a thread; yields (url host:port, backend)."""
