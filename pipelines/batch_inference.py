@@ -88,8 +88,10 @@ class PredictBatch:
     def __init__(self, model: ModelRef, text_column: str, threads: int):
         from pipelines.inference import load_classifier_from
 
-        self.scratch = tempfile.mkdtemp(prefix="batch-model-")
-        self.classifier = load_classifier_from(download_model_folder(model, self.scratch), model.backend, threads=threads)
+        # loaded into memory, the downloaded folder can go: an actor pool per job would
+        # otherwise leave a copy of the model per actor on every node's disk
+        with tempfile.TemporaryDirectory(prefix="batch-model-") as scratch:
+            self.classifier = load_classifier_from(download_model_folder(model, scratch), model.backend, threads=threads)
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:

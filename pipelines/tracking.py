@@ -460,7 +460,8 @@ def console_log():
         return
     import tempfile
 
-    with _tee(Path(tempfile.mkdtemp(prefix="train-log-")) / "console.log") as path:
+    # the caller uploads the log inside this block (tracking.upload_console_log); then it goes
+    with tempfile.TemporaryDirectory(prefix="train-log-") as folder, _tee(Path(folder) / "console.log") as path:
         yield path
 
 

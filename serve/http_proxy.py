@@ -22,6 +22,7 @@ share them.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -63,6 +64,9 @@ def use_haproxy(joining_cluster: bool) -> str:
                               f"and here to confirm it")
         return binary
     state = tempfile.mkdtemp(prefix="haproxy-serve-")
+    # removed when this process exits; atexit runs last-in first-out, so after the shutdown
+    # of the local Ray started later, whose HAProxy still uses the folder until then
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
     os.environ.update({
         HAPROXY_ENV: "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),

@@ -90,6 +90,21 @@ def test_pyfunc_batch_prediction_and_the_classifier_give_the_same_labels(registe
     assert max(len(ids) for ids in encoder.token_ids(review_texts)) == MAX_LENGTH
 
 
+@pytest.mark.timeout(300)
+def test_a_batch_model_actor_keeps_its_model_in_memory_and_no_copy_on_disk(registered, review_texts, tmp_path, monkeypatch):
+    """One actor per CPU per job: a downloaded copy left behind by each would fill the nodes' disks."""
+    import tempfile
+
+    from pipelines.batch_inference import PredictBatch, resolve_model
+
+    uri, version = registered
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    actor = PredictBatch(resolve_model(f"models:/{MODEL}/{version}", uri, "onnx-int8"), "text", threads=1)
+    assert list(tmp_path.iterdir()) == []
+    scored = actor(pa.table({"text": review_texts[:8]}))
+    assert scored.num_rows == 8 and set(scored.column("predicted_label").to_pylist()) <= {"negative", "positive"}
+
+
 @pytest.mark.timeout(900)
 def test_predict_writes_its_output_whole_or_not_at_all(registered, review_texts, tmp_path, ray_session):
     from pipelines.predict import PredictConfig, run_predict

@@ -242,3 +242,21 @@ def test_an_entry_point_keeps_what_is_printed_after_its_session_in_the_log(tmp_p
     logged = log_file.read_text()
     for line in ("an atexit hook's last words", "a late library line", "interrupted", "failed in stage: sweep"):
         assert line in logged
+
+
+@pytest.mark.timeout(30)
+def test_a_library_run_tees_its_output_into_a_log_that_goes_once_uploaded(tmp_path, monkeypatch, capsys):
+    """Without a console session (a test, a notebook) the run's log is a tee in a temporary
+    folder: it must hold what was printed while the block runs, and leave nothing behind."""
+    import tempfile
+
+    from pipelines import console, tracking
+
+    assert not console.active()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with tracking.console_log() as log_path:
+        print("epoch 1: loss 0.69")
+        sys.stdout.flush()
+        assert log_path.is_relative_to(tmp_path) and "epoch 1: loss 0.69" in log_path.read_text()
+    assert "epoch 1: loss 0.69" in capsys.readouterr().out, "the tee still prints"
+    assert list(tmp_path.iterdir()) == []

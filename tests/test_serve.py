@@ -615,7 +615,7 @@ HAPROXY_SETTINGS = (
 
 
 @pytest.mark.timeout(30)
-def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch):
+def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_path):
     """Two local Serve instances behind HAProxy must not share Ray's defaults (/tmp/haproxy-serve, ports 8404 and 9101)."""
     from pipelines.errors import ConfigError
     from serve.http_proxy import haproxy_binary, use_haproxy
@@ -635,6 +635,14 @@ def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch):
     assert {first["RAY_SERVE_HAPROXY_STATS_PORT"], first["RAY_SERVE_HAPROXY_METRICS_PORT"]}.isdisjoint({"8404", "9101"})
     use_haproxy(joining_cluster=False)
     assert os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder), "a second instance gets a folder of its own"
+    # the folder goes with the process that made it
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; from serve.http_proxy import use_haproxy; use_haproxy(False); "
+                               "print(os.environ['RAY_SERVE_HAPROXY_SERVER_STATE_BASE'])"],
+        cwd=REPO, capture_output=True, text=True, timeout=30, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert child.returncode == 0, child.stderr
+    assert Path(child.stdout.strip()).parent == tmp_path and list(tmp_path.iterdir()) == []
     # joining a cluster: nothing local to set, and the switch must already be on there
     assert use_haproxy(joining_cluster=True) == binary
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
