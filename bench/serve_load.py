@@ -1,7 +1,7 @@
 """What serving costs, per inference backend: each backend behind Ray Serve over HTTP vs its bare batched inference.
 
     python bench/serve_load.py [--model-uri models:/imdb-sentiment@champion] [--storage DIR]
-                               [--backends torch onnx onnx-int8] [--duration 20] [--concurrency 1 8 32]
+                               [--backends torch onnx onnx-int8] [--duration 20] [--concurrency 1 8 32] [--rounds 3]
                                [--replicas 2] [--data imdb] [--http-proxy serve|haproxy] [--unbatched] [--register-demo]
 
 For each backend of --backends (torch, onnx, onnx-int8: the registered version's model
@@ -18,10 +18,12 @@ folder, pipelines.variants), with the same texts:
   model folder) in this process, batches of --max-batch-size, no HTTP, no Serve: one stream
   with every CPU as threads, and --replicas streams of the replicas' threads each (Serve's
   layout; ONNX Runtime gets one session per stream); the better of the two is this
-  machine's limit for the backend. Measured right before and right after the
-  highest-concurrency Serve run, whose figure is compared with the mean of the two: on a
-  shared machine the background load drifts, and a limit measured minutes apart would make
-  the ratio a measure of the neighbours.
+  machine's limit for the backend. The highest concurrency runs in --rounds rounds, each
+  between two bare measurements, and each round's Serve figure is compared with the mean
+  of the two around it: on a shared machine the background load drifts (a single round's
+  ratio moved by 0.15 from one run to the next on a 2-core VM), and a limit measured
+  minutes apart would make the ratio a measure of the neighbours. The round with the
+  median ratio is the one reported, with every round's ratio beside it.
 - With --http-proxy haproxy, HAProxy takes the HTTP requests instead of Serve's Python
   proxy (serve/http_proxy.py), as `python -m serve.app --http-proxy haproxy` runs it.
 - With --unbatched, also Serve with batching off (max_batch_size 1) at the highest
@@ -413,29 +415,46 @@ def auth_headers() -> dict:
 
 @dataclass
 class BackendResult:
+    """One backend: the lower concurrencies once, the top one in rounds, each round between two bare runs."""
+
     backend: str
-    levels: list[LevelResult]
-    bare_before: float
-    bare_after: float
+    levels: list[LevelResult]  # below the top concurrency
+    rounds: list[LevelResult]  # the top concurrency, round by round
+    bares: list[float]  # bare texts/s before the first round and after each one
     unbatched: LevelResult | None = None
     bare_unbatched: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
+    def round_ratio(self, i: int) -> float:
+        """Round i's Serve req/s over the mean of the bare runs right before and after it."""
+        return self.rounds[i].requests_per_s / ((self.bares[i] + self.bares[i + 1]) / 2)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [self.round_ratio(i) for i in range(len(self.rounds))]
+
+    @property
+    def median_round(self) -> int:
+        """The round whose ratio is the median (the lower middle one of an even count): its figures are reported."""
+        order = sorted(range(len(self.rounds)), key=self.round_ratio)
+        return order[(len(order) - 1) // 2]
+
     @property
     def top(self) -> LevelResult:
-        return self.levels[-1]
+        return self.rounds[self.median_round]
 
     @property
     def bare(self) -> float:
-        return (self.bare_before + self.bare_after) / 2
+        i = self.median_round
+        return (self.bares[i] + self.bares[i + 1]) / 2
 
     @property
     def ratio(self) -> float:
-        return self.top.requests_per_s / self.bare
+        return self.round_ratio(self.median_round)
 
     @property
     def errors(self) -> int:
-        return sum(r.errors for r in self.levels) + (self.unbatched.errors if self.unbatched else 0)
+        return sum(r.errors for r in [*self.levels, *self.rounds]) + (self.unbatched.errors if self.unbatched else 0)
 
 
 def print_levels(title: str, results: list[LevelResult], bare: float) -> None:
@@ -502,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients per level (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per level (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs at the top concurrency, each between two bare runs; the median round is reported (default: %(default)s)")
     parser.add_argument("--bare-seconds", type=float, default=8.0, help="seconds per bare measurement and layout (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=2, help="Serve replicas, fixed during the run (default: %(default)s)")
     parser.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs (and threads) per replica (default: CPUs / replicas)")
@@ -516,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--register-demo", action="store_true", help="smoke test: register a tiny random BERT in a new temporary "
                         "store (ignoring --storage and --tracking-uri) and benchmark it")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.texts < args.max_batch_size:
         parser.error(f"--texts ({args.texts}) must be at least --max-batch-size ({args.max_batch_size})")
 
@@ -621,15 +644,18 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
                 raise PlatformError(f"asked Serve for backend {backend}, its replicas run {sorted(served)}")
             print(f"\n{backend}: deployed in {time.perf_counter() - started:.0f} s", flush=True)
             levels = [level(c) for c in sorted(args.concurrency) if c != top]
-            bare_before = bare("before Serve at the top concurrency")
-            levels.append(level(top))
-            bare_after = bare("after")
-            result = BackendResult(backend, levels, bare_before, bare_after)
-            print_levels(f"Serve, {backend}, batching on", levels, result.bare)
+            bares, rounds = [bare(f"before round 1 at concurrency {top}")], []
+            for number in range(1, args.rounds + 1):
+                rounds.append(level(top))
+                bares.append(bare(f"after round {number}"))
+            result = BackendResult(backend, levels, rounds, bares)
+            print_levels(f"Serve, {backend}, batching on (concurrency {top}: round {result.median_round + 1} of {args.rounds}, "
+                         f"the median one)", [*levels, result.top], result.bare)
+            print(f"  Serve/bare at {top}, round by round: " + ", ".join(f"{r:.2f}" for r in result.ratios), flush=True)
             if args.unbatched:
                 deploy(source, ServingConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **pin), args.replicas, cpus_per_replica, base_url)
                 result.unbatched = level(top)
-                result.bare_unbatched = (bare_after + bare("after batching off")) / 2
+                result.bare_unbatched = (bares[-1] + bare("after batching off")) / 2
                 print_levels(f"Serve, {backend}, batching off (max_batch_size 1)", [result.unbatched], result.bare_unbatched)
             results[backend] = result
     finally:
