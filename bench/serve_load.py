@@ -13,7 +13,10 @@ folder, pipelines.variants), with the same texts:
   client sends one review, waits for the answer, sends the next, on its own keep-alive
   connection. Requests/s, p50/p95/p99 latency, errors and the client's own CPU (in
   cores: it shares the machine, so it is kept to a raw HTTP/1.1 exchange of
-  pre-encoded requests) per level, after --warmup seconds.
+  pre-encoded requests) per level, after --warmup seconds. On Linux, also the cores each
+  part used in the reported round (from /proc): the model replicas, the ingress, the HTTP
+  proxy, the client, and the rest (Serve's controller, Ray's GCS, raylet and dashboard):
+  what the model replicas do not get is where a Serve/bare ratio went.
 - Bare: the same `Classifier` (pipelines.inference.load_classifier_from on the downloaded
   model folder) in this process, batches of --max-batch-size, no HTTP, no Serve: one stream
   with every CPU as threads, and --replicas streams of the replicas' threads each (Serve's
@@ -297,6 +300,7 @@ class LevelResult:
     errors: int
     requests: int
     client_cpu: float = float("nan")  # this process's CPU while the level ran, in cores: what the load itself took
+    cores: dict[str, float] = field(default_factory=dict)  # cores per role while the level ran (cpu_by_role)
 
 
 def request_bytes(parts, text: str, headers: dict) -> bytes:
@@ -369,6 +373,45 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: flo
     return LevelResult(
         concurrency, len(latencies) / seconds, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors, len(latencies) + errors
     )
+
+
+# --- where the CPU went --------------------------------------------------------------------------
+
+CPU_ROLES = (  # (role, what its processes' command lines contain), first match wins
+    ("model replicas", "SentimentClassifier"),
+    ("ingress", "SentimentIngress"),
+    ("HTTP proxy", "ProxyActor"),
+    ("HTTP proxy", "haproxy"),
+    ("HTTP proxy", "HAProxyManager"),
+)
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, user + system CPU seconds so far), from /proc ({} where there is none)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seen = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        seen[int(entry.name)] = (command, (int(fields[11]) + int(fields[12])) / ticks)
+    return seen
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """Cores each role used between two snapshots: the model replicas, the ingress, the HTTP
+    proxy, this client, and everything else (Serve's controller, Ray's GCS, raylet, dashboard)."""
+    cores: dict[str, float] = {}
+    for pid, (command, cpu) in after.items():
+        used = cpu - before.get(pid, (command, 0.0))[1]
+        if pid == os.getpid():
+            role = "client"
+        else:
+            role = next((name for name, marker in CPU_ROLES if marker in command), "Ray and the rest")
+        cores[role] = cores.get(role, 0.0) + used / seconds
+    return cores
 
 
 # --- Serve ---------------------------------------------------------------------------------------
@@ -616,9 +659,11 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
     results: dict[str, BackendResult] = {}
 
     def level(concurrency: int) -> LevelResult:
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall, processes = time.process_time(), time.perf_counter(), cpu_seconds_by_process()
         result = asyncio.run(closed_loop(url, texts, concurrency, args.duration, args.warmup, headers))
-        result.client_cpu = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        elapsed = time.perf_counter() - wall
+        result.client_cpu = (time.process_time() - cpu) / elapsed
+        result.cores = cpu_by_role(processes, cpu_seconds_by_process(), elapsed)
         return result
 
     try:
@@ -652,6 +697,9 @@ def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cp
             print_levels(f"Serve, {backend}, batching on (concurrency {top}: round {result.median_round + 1} of {args.rounds}, "
                          f"the median one)", [*levels, result.top], result.bare)
             print(f"  Serve/bare at {top}, round by round: " + ", ".join(f"{r:.2f}" for r in result.ratios), flush=True)
+            if result.top.cores:
+                print(f"  cores used in that round, of {cpus}: "
+                      + ", ".join(f"{role} {used:.2f}" for role, used in sorted(result.top.cores.items(), key=lambda item: -item[1])), flush=True)
             if args.unbatched:
                 deploy(source, ServingConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **pin), args.replicas, cpus_per_replica, base_url)
                 result.unbatched = level(top)
