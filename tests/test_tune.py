@@ -377,3 +377,33 @@ def test_shorthands_fill_the_table():
     assert fixed_lr.swept() == ("warmup_ratio",) and fixed_lr.train.lr == 3e-5
     # the default --batch-size 32 is no multiple of 3 workers, but it is swept: no trial gets it
     assert parse_settings(["--num-workers", "3", "--batch-sizes", "18", "36"]).train.batch_size == 18
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_stopped_by_ctrl_c_before_its_first_report_is_not_counted_as_ended(ray_session, tmp_path):
+    """The sweep decides between 'interrupted, --resume continues it' and 'finished, register
+    the best' from the trials it counts as ended: those must be the saved state's, which a
+    resume runs from, whatever Tune's returned trial objects say after it stopped them."""
+    from ray import tune
+
+    from tune.sweep import saved_ended_trials
+
+    def second_trial_interrupts_the_driver(config: dict) -> None:
+        """The first trial reports and ends; the second sends the driver Ctrl+C before its first
+        report and waits to be stopped: the moment a user's Ctrl+C can fall in. (Defined here:
+        Ray pickles it by value; the workers cannot import this test module.)"""
+        if config["index"] == 0:
+            tune.report({"score": 1.0})
+            return
+        os.kill(config["driver_pid"], signal.SIGINT)
+        time.sleep(120)
+
+    tuner = tune.Tuner(
+        second_trial_interrupts_the_driver,
+        param_space={"index": tune.grid_search([0, 1]), "driver_pid": os.getpid()},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="ctrl-c", storage_path=str(tmp_path), verbose=0),
+    )
+    grid = tuner.fit()
+    # (Ray 2.60's own grid counts 2 here: num_terminated includes the stopped second trial)
+    assert saved_ended_trials(grid) == 1, "the interrupted trial is one a --resume must run again"

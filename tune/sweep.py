@@ -526,6 +526,21 @@ def _record_best(config: SweepConfig, context: SweepContext, manifest: Manifest,
     return version, decision
 
 
+def saved_ended_trials(result_grid) -> int:
+    """How many trials the sweep's saved state holds as ended (TERMINATED or ERROR): the ones a
+    --resume will not run again.
+
+    Not the ResultGrid's own counts: on Ctrl+C Tune saves the state first and stops the running
+    trials after, and a trial stopped before its first report can then read TERMINATED in the
+    grid while the saved state says PENDING (seen in CI: the interrupted sweep went on to
+    register as if it had finished, with a trial of 0 epochs "stopped early").
+    """
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(result_grid.experiment_path, storage_filesystem=result_grid.filesystem)
+    return sum(trial.status in ("TERMINATED", "ERROR") for trial in saved.trials)
+
+
 def run_sweep(config: SweepConfig) -> SweepOutcome:
     train = config.train
     console.enter("data")
@@ -585,7 +600,7 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                                    f"MLflow parent run {parent_run_id}{' (resumed)' if config.resume else ''}")
             result_grid = _tuner(config, context, concurrency, sweep_name).fit()
             # Tune answers Ctrl+C by saving its state and returning: no best of a partial sweep
-            ended = result_grid.num_terminated + result_grid.num_errors
+            ended = saved_ended_trials(result_grid)
             if ended < trials_planned(config):
                 resume_hint = f"interrupted with {ended} of {trials_planned(config)} trials ended; continue it with --sweep-name {sweep_name} --resume"
                 console.stage("sweep", resume_hint)
