@@ -468,9 +468,12 @@ class BackendResult:
     bare_unbatched: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
+    def round_bare(self, i: int) -> float:
+        """The mean of the bare runs right before and after round i."""
+        return (self.bares[i] + self.bares[i + 1]) / 2
+
     def round_ratio(self, i: int) -> float:
-        """Round i's Serve req/s over the mean of the bare runs right before and after it."""
-        return self.rounds[i].requests_per_s / ((self.bares[i] + self.bares[i + 1]) / 2)
+        return self.rounds[i].requests_per_s / self.round_bare(i)
 
     @property
     def ratios(self) -> list[float]:
@@ -488,8 +491,7 @@ class BackendResult:
 
     @property
     def bare(self) -> float:
-        i = self.median_round
-        return (self.bares[i] + self.bares[i + 1]) / 2
+        return self.round_bare(self.median_round)
 
     @property
     def ratio(self) -> float:
