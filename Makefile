@@ -49,7 +49,7 @@ serve: setup
 UI_PORT ?= 5000
 ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
-	  "$$($(BIN)/python -c 'from pipelines import storage, tracking; print(tracking.local_store(storage.default_storage())[0])')"
+	  "$$($(BIN)/python -c 'from pipelines.core import storage; from pipelines.tracking import store_uri; print(store_uri.local_store(storage.default_storage())[0])')"
 
 test: setup postgresql
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,4 +1,4 @@
-"""What batch prediction on Ray Data costs: pipelines.batch_inference against a bare loop of the same backend.
+"""What batch prediction on Ray Data costs: pipelines.inference.batch_prediction against a bare loop of the same backend.
 
     python bench/batch_predict.py [--model-uri models:/imdb-sentiment@champion] [--storage DIR]
                                   [--backend auto] [--rows 2048] [--batch-size 64] [--actors N]
@@ -8,7 +8,7 @@ Both sides score the same --rows reviews, made as bench/serve_load.py makes its 
 (--data's test split, or sample reviews lengthened to review length) and written to a
 temporary Parquet folder of --files parts, with the version's default backend (or --backend):
 
-- Ray Data: `batch_inference.predictions(...)` (read_parquet -> map_batches on an actor pool
+- Ray Data: `batch_prediction.predictions(...)` (read_parquet -> map_batches on an actor pool
   of --actors, or pipelines.predict's plan: one single-threaded actor per CPU; batches of --batch-size),
   consumed with `iter_tables` as `python -m pipelines.predict` does, minus the Parquet write.
 - Bare: `load_classifier_from` on the same model folder, batches of --batch-size over the
@@ -56,11 +56,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from pipelines import batch_inference, tracking  # noqa: E402
-from pipelines.errors import PlatformError  # noqa: E402
-from pipelines.inference import BACKENDS, load_classifier_from  # noqa: E402
-from pipelines.storage import default_storage  # noqa: E402
 from serve_load import DEFAULT_MODEL_URI, bench_texts, describe_texts, parse_model_uri, register_demo_model  # noqa: E402
+
+from pipelines.core.errors import PlatformError
+from pipelines.core.storage import default_storage
+from pipelines.inference import batch_prediction
+from pipelines.inference.classifier import BACKENDS, load_classifier_from
+from pipelines.tracking import store_uri
 
 TARGET_RATIO = 0.9
 
@@ -114,15 +116,15 @@ def ray_data_run(input_uri: str, model, rows: int, batch_size: int, actors: int 
     """(label ids by row id, (seconds since the start, rows) of each output block as it arrives)."""
     import ray
 
-    from pipelines.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray
 
     init_ray(num_cpus=cpus)
     try:
-        dataset = batch_inference.predictions(input_uri, model, "text", batch_size, actors)
+        dataset = batch_prediction.predictions(input_uri, model, "text", batch_size, actors)
         labels = np.full(rows, -1, dtype=np.int64)
         arrivals = []
         start = time.perf_counter()
-        for table in batch_inference.iter_tables(dataset, rows, "ray data"):
+        for table in batch_prediction.iter_tables(dataset, rows, "ray data"):
             labels[table.column("id").to_numpy()] = table.column("predicted_label_id").to_numpy()
             if table.num_rows:
                 arrivals.append((time.perf_counter() - start, table.num_rows))
@@ -166,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, scratch: Path) -> int:
     cpus = os.cpu_count() or 1
-    tracking_uri, _ = tracking.configure(args.storage, args.tracking_uri)
-    model = batch_inference.resolve_model(args.model_uri, tracking_uri, args.backend)
-    folder = batch_inference.download_model_folder(model, str(scratch / "model"))
+    tracking_uri, _ = store_uri.configure(args.storage, args.tracking_uri)
+    model = batch_prediction.resolve_model(args.model_uri, tracking_uri, args.backend)
+    folder = batch_prediction.download_model_folder(model, str(scratch / "model"))
     texts, labels, what = bench_texts(args.data, args.storage, args.rows)
     input_uri = write_parquet(scratch / "input", texts, labels, args.files)
     print(f"model: {model.uri} ({args.model_uri}), backend {model.backend}")

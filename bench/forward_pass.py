@@ -5,7 +5,7 @@
                                  [--data imdb] [--register-demo]
 
 A Serve replica batches up to max_batch_size (32) texts and a bare loop takes batches of
-32; `pipelines.inference.Classifier` then runs a call's texts in passes of at most
+32; `pipelines.inference.classifier.Classifier` then runs a call's texts in passes of at most
 `CPU_ROWS_PER_PASS`, texts of similar length together. This measures what that is worth:
 for each backend, --batches batches of 32 review-length texts (made as bench/serve_load.py
 makes them) classified with passes of 32 (the whole batch, as it comes), and of 16, 8, 4,
@@ -41,11 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_load, beside t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from pipelines import batch_inference, tracking  # noqa: E402
-from pipelines.errors import PlatformError  # noqa: E402
-from pipelines.inference import BACKENDS, CPU_ROWS_PER_PASS, load_classifier_from  # noqa: E402
-from pipelines.storage import default_storage  # noqa: E402
 from serve_load import DEFAULT_MODEL_URI, bench_texts, describe_texts, parse_model_uri, register_demo_model  # noqa: E402
+
+from pipelines.core.errors import PlatformError
+from pipelines.core.storage import default_storage
+from pipelines.inference import batch_prediction
+from pipelines.inference.classifier import BACKENDS, CPU_ROWS_PER_PASS, load_classifier_from
+from pipelines.tracking import store_uri
 
 BATCH = 32  # what a replica's batch and the bare loop hold (ServingConfig.max_batch_size)
 PASS_SIZES = (32, 16, 8, 4, 2, 1)
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, scratch: Path) -> int:
-    tracking_uri, _ = tracking.configure(args.storage, args.tracking_uri)
-    model = batch_inference.resolve_model(args.model_uri, tracking_uri)
-    folder = batch_inference.download_model_folder(model, str(scratch / "model"))
+    tracking_uri, _ = store_uri.configure(args.storage, args.tracking_uri)
+    model = batch_prediction.resolve_model(args.model_uri, tracking_uri)
+    folder = batch_prediction.download_model_folder(model, str(scratch / "model"))
     texts, _, what = bench_texts(args.data, args.storage, BATCH * args.batches)
     batches = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]
     print(f"{model.uri}: {len(texts)} texts ({what}); {describe_texts(folder, texts)}")

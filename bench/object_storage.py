@@ -7,7 +7,7 @@ targets so that machine noise hits both alike:
 - publishing the sample corpus (`prepare_dataset`, every version rebuilt with --force):
   shards + manifest (local: staging folder + rename; S3: shards, then the manifest);
 - storing a training checkpoint the way Ray Train does (`pyarrow.fs.copy_files` of the folder
-  that pipelines.training.save_checkpoint writes: the bundled MiniLM in Hugging Face format
+  that pipelines.training.checkpoints.save_checkpoint writes: the bundled MiniLM in Hugging Face format
   plus the optimizer state), and reading it back.
 
 Prints one line per measurement and `ratio_publish=` / `ratio_checkpoint=` (S3 time over
@@ -42,9 +42,10 @@ def build_checkpoint(folder: Path) -> int:
     """The folder save_checkpoint writes for the bundled MiniLM after one step: model + optimizer state."""
     import torch
 
-    from pipelines.model import load_classifier
-    from pipelines.tokenization import default_model_path
-    from pipelines.training import build_optimizer, save_checkpoint
+    from pipelines.text.model import load_classifier
+    from pipelines.text.tokenization import default_model_path
+    from pipelines.training.checkpoints import save_checkpoint
+    from pipelines.training.loop import build_optimizer
 
     model = load_classifier(default_model_path())
     optimizer = build_optimizer(model, 5e-5, 0.01)
@@ -70,9 +71,9 @@ def main() -> int:
     try:
         import pyarrow.fs as pafs
 
-        from pipelines.config import PrepareConfig
-        from pipelines.prepare import prepare_dataset
-        from pipelines.sample_corpus import write_sample_corpus
+        from pipelines.data.prepare import prepare_dataset
+        from pipelines.data.sample_corpus import write_sample_corpus
+        from pipelines.data.settings import PrepareConfig
 
         raw = write_sample_corpus(work / "raw" / "aclImdb", seed=0)
         targets = {"local": str(work / "local-storage"), "s3": "s3://bench/platform"}

@@ -5,7 +5,7 @@
                                [--replicas 2] [--data imdb] [--http-proxy serve|haproxy] [--unbatched] [--register-demo]
 
 For each backend of --backends (torch, onnx, onnx-int8: the registered version's model
-folder, pipelines.variants), with the same texts:
+folder, pipelines.inference.variants), with the same texts:
 
 - Serve: the app of serve/app.py deployed afresh with `ServingConfig(backend=...)`, pinned
   to the version, --replicas fixed replicas (autoscaling would move the figures mid-run),
@@ -17,7 +17,7 @@ folder, pipelines.variants), with the same texts:
   part used in the reported round (from /proc): the model replicas, the ingress, the HTTP
   proxy, the client, and the rest (Serve's controller, Ray's GCS, raylet and dashboard):
   what the model replicas do not get is where a Serve/bare ratio went.
-- Bare: the same `Classifier` (pipelines.inference.load_classifier_from on the downloaded
+- Bare: the same `Classifier` (pipelines.inference.classifier.load_classifier_from on the downloaded
   model folder) in this process, batches of --max-batch-size, no HTTP, no Serve: one stream
   with every CPU as threads, and --replicas streams of the replicas' threads each (Serve's
   layout; ONNX Runtime gets one session per stream); the better of the two is this
@@ -87,11 +87,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Serve logs (access logs on, as serve/config.yaml has them) go to Ray's log folder, not this terminal
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 
-from pipelines.errors import PlatformError  # noqa: E402
-from pipelines.inference import BACKENDS  # noqa: E402
-from pipelines.ports import free_port  # noqa: E402
-from pipelines.registry import CHAMPION  # noqa: E402
-from pipelines.storage import default_storage  # noqa: E402
+from pipelines.core.errors import PlatformError
+from pipelines.core.ports import free_port
+from pipelines.core.storage import default_storage
+from pipelines.inference.classifier import BACKENDS
+from pipelines.tracking.registry import CHAMPION
 from serve.http_proxy import PROXIES, use_haproxy  # noqa: E402
 from serve.model_store import ModelNotFound, ModelSelector, ModelStore  # noqa: E402
 from serve.settings import ModelSource, ServingConfig  # noqa: E402
@@ -133,7 +133,7 @@ def lengthened_sample_reviews(count: int, seed: int = 2024) -> tuple[list[str], 
     IMDB's markup has them) until it reaches a length drawn from a lognormal around
     REVIEW_MEDIAN_WORDS, and cut at the first sentence end past that length.
     """
-    from pipelines.sample_corpus import generate_reviews
+    from pipelines.data.sample_corpus import generate_reviews
 
     rng = np.random.default_rng(seed)
     pool = generate_reviews(max(count, 64), seed=seed, split="test")  # 2 x count reviews, half of each label
@@ -167,8 +167,8 @@ def cut_at_sentence(text: str, words: int) -> str:
 
 def dataset_test_reviews(data: str, storage: str, count: int, seed: int = 2024) -> tuple[list[str], list[int]]:
     """`count` reviews of a prepared dataset's test split (each label in its share), shuffled."""
-    from pipelines.datasets import load_manifest, read_split_table
-    from pipelines.variants import evaluation_sample
+    from pipelines.data.datasets import load_manifest, read_split_table
+    from pipelines.inference.variants import evaluation_sample
 
     test = read_split_table(load_manifest(data, storage=storage), "test")
     texts, labels = evaluation_sample(test.column("text").to_pylist(), test.column("label").to_pylist(), max_rows=count, seed=seed)
@@ -188,9 +188,9 @@ def bench_texts(data: str | None, storage: str, count: int) -> tuple[list[str], 
 
 def describe_texts(folder: Path, texts: list[str]) -> str:
     """Words and tokens of the texts as the model in `folder` reads them (cleaned; before and after truncation)."""
-    from pipelines.cleaning import clean_text
-    from pipelines.inference import InferenceSettings, TextEncoder
-    from pipelines.tokenization import load_tokenizer
+    from pipelines.inference.classifier import InferenceSettings, TextEncoder
+    from pipelines.text.cleaning import clean_text
+    from pipelines.text.tokenization import load_tokenizer
 
     settings = InferenceSettings.load(folder)
     encoder = TextEncoder(load_tokenizer(str(Path(folder) / "hf")), settings.max_length, settings.truncation)
@@ -213,16 +213,16 @@ def register_demo_model(storage: str, name: str, max_length: int = 256, alias: s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-    from pipelines.config import PrepareConfig
-    from pipelines.prepare import prepare_dataset
+    from pipelines.data.prepare import prepare_dataset
+    from pipelines.data.settings import PrepareConfig
+    from pipelines.tracking import registration, runs, store_uri
     from tests.tiny_model import build_tiny_model
 
-    tracking_uri, artifact_root = tracking.configure(storage)
+    tracking_uri, artifact_root = store_uri.configure(storage)
     manifest = prepare_dataset(PrepareConfig(source="sample", storage=storage, name="sample", progress=False)).manifest
     model_dir = build_tiny_model(Path(storage) / "tiny-model")
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment("bench-demo", artifact_root), run_name="tiny-random-bert"):
-        info = tracking.register_model(model_dir, model_dir, name, manifest, max_length, "head_tail")
+    with mlflow.start_run(experiment_id=runs.ensure_experiment("bench-demo", artifact_root), run_name="tiny-random-bert"):
+        info = registration.register_model(model_dir, model_dir, name, manifest, max_length, "head_tail")
     version = str(info.registered_model_version)
     if alias:
         MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(name, alias, version)
@@ -231,7 +231,7 @@ def register_demo_model(storage: str, name: str, max_length: int = 256, alias: s
 
 def download_folder(name: str, version: str, tracking_uri: str, destination: str) -> Path:
     """The version's model folder (hf/, inference.json, model.onnx, model.int8.onnx, variants.json)."""
-    from pipelines.batch_inference import ModelRef, download_model_folder
+    from pipelines.inference.batch_prediction import ModelRef, download_model_folder
 
     return download_model_folder(ModelRef(name, version, f"models:/{name}/{version}", tracking_uri, "torch"), destination)
 
@@ -244,7 +244,7 @@ class BareModel:
     stream gets its own session."""
 
     def __init__(self, folder: Path, backend: str, layouts: list[tuple[int, int]]):
-        from pipelines.inference import load_classifier_from
+        from pipelines.inference.classifier import load_classifier_from
 
         self.backend = backend
         self.classifiers: dict[tuple[int, int], list] = {}
@@ -617,7 +617,7 @@ def run(args, selector: ModelSelector) -> int:
             file=sys.stderr,
         )
         return 2
-    from pipelines.variants import load_scores
+    from pipelines.inference.variants import load_scores
 
     name, number, tags = version.name, str(version.version), dict(version.tags or {})
     scratch = tempfile.mkdtemp(prefix="serve-load-model-")
@@ -645,7 +645,7 @@ def run(args, selector: ModelSelector) -> int:
 def measure(args, selector, tracking_uri, version, folder, texts, tags, cpus, cpus_per_replica, threads_per_replica) -> dict[str, BackendResult]:
     from ray import serve
 
-    from pipelines.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray
 
     layouts = sorted({(1, cpus), (args.replicas, threads_per_replica)})
     if args.http_proxy == "haproxy":

@@ -34,13 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipelines.config import PrepareConfig, TrainConfig  # noqa: E402
-from pipelines.datasets import read_split_table  # noqa: E402
-from pipelines.model import load_classifier  # noqa: E402
-from pipelines.prepare import prepare_dataset  # noqa: E402
-from pipelines.sample_corpus import write_sample_corpus  # noqa: E402
-from pipelines.tokenization import PadCollate, TokenizeBatch, TokenizerSettings, default_model_path  # noqa: E402
-from pipelines.training import build_optimizer  # noqa: E402
+from pipelines.data.datasets import read_split_table
+from pipelines.data.prepare import prepare_dataset
+from pipelines.data.sample_corpus import write_sample_corpus
+from pipelines.data.settings import PrepareConfig
+from pipelines.text.model import load_classifier
+from pipelines.text.tokenization import PadCollate, TokenizeBatch, TokenizerSettings, default_model_path
+from pipelines.training.loop import build_optimizer
+from pipelines.training.settings import TrainConfig
 
 WARMUP_STEPS = 3
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a bare script gets
@@ -80,7 +81,7 @@ def bare_loop(batches: list, model_path: str, threads: int, skip_steps: int) -> 
 
 
 def platform_run(manifest, storage: str, batch_size: int, max_length: int, **settings) -> dict:
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     config = TrainConfig(
         data=manifest.root.uri, epochs=1, batch_size=batch_size, max_length=max_length, storage=storage,

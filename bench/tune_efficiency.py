@@ -48,9 +48,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import PrepareConfig, TrainConfig  # noqa: E402
-from pipelines.prepare import prepare_dataset  # noqa: E402
-from pipelines.sample_corpus import write_sample_corpus  # noqa: E402
+from pipelines.data.prepare import prepare_dataset
+from pipelines.data.sample_corpus import write_sample_corpus
+from pipelines.data.settings import PrepareConfig
+from pipelines.training.settings import TrainConfig
 from tune.settings import SweepConfig  # noqa: E402
 from tune.sweep import run_sweep  # noqa: E402
 

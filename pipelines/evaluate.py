@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import batch_inference, cli, console, reporting, runtime, tracking
-from pipelines.cli import field
-from pipelines.errors import ConfigError, DataError
-from pipelines.storage import default_storage
+from pipelines.cluster import runtime
+from pipelines.core import cli, console
+from pipelines.core.cli import field
+from pipelines.core.errors import ConfigError, DataError
+from pipelines.core.storage import default_storage
+from pipelines.inference import batch_prediction
+from pipelines.tracking import report_content, runs, store_uri
 
 EXPERIMENT = "imdb-sentiment-evaluations"
 
@@ -60,7 +63,7 @@ class EvaluationOutcome:
 
 def labelled_input(config: EvaluateConfig):
     """(files' URI for Ray Data, a manifest or None, a short name): a prepared split or Parquet given directly."""
-    from pipelines.datasets import load_manifest
+    from pipelines.data.datasets import load_manifest
 
     looks_like_parquet = config.data.endswith(".parquet") or "://" in config.data and not config.data.endswith("manifest.json")
     if not looks_like_parquet:
@@ -78,7 +81,7 @@ def labelled_input(config: EvaluateConfig):
 
 def score(tables) -> tuple[dict, list[int], list[int]]:
     """Metrics over all rows: counts, accuracy, precision, recall, F1, and score histograms."""
-    from pipelines.training import metrics_from_counts
+    from pipelines.training.metrics import metrics_from_counts
 
     truth, predicted, positive = [], [], []
     for table in tables:
@@ -91,7 +94,7 @@ def score(tables) -> tuple[dict, list[int], list[int]]:
     counts = [0.0, float(len(y)), float(((p == 1) & (y == 1)).sum()), float(((p == 1) & (y == 0)).sum()),
               float(((p == 0) & (y == 1)).sum()), float(((p == 0) & (y == 0)).sum())]
     metrics = {k: v for k, v in metrics_from_counts(counts).items() if k != "loss"}
-    hist_pos, hist_neg = reporting.score_histograms(np.asarray(positive, dtype=float), y)
+    hist_pos, hist_neg = report_content.score_histograms(np.asarray(positive, dtype=float), y)
     return metrics, hist_pos, hist_neg
 
 
@@ -100,31 +103,31 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationOutcome:
     from mlflow.tracking import MlflowClient
 
     console.enter("model")
-    tracking_uri, artifact_root = tracking.configure(config.storage, config.tracking_uri)
-    model = batch_inference.resolve_model(config.model, tracking_uri, config.backend)
+    tracking_uri, artifact_root = store_uri.configure(config.storage, config.tracking_uri)
+    model = batch_prediction.resolve_model(config.model, tracking_uri, config.backend)
     console.stage("model", f"{model.uri}{'' if config.model == model.uri else f' ({config.model})'}, backend {model.backend}")
     console.enter("data")
     files_uri, manifest, data_name = labelled_input(config)
-    rows = batch_inference.rows_of(files_uri)
+    rows = batch_prediction.rows_of(files_uri)
     console.stage("data", f"{data_name}: {rows} labelled reviews")
     console.enter("evaluate")
     runtime.init_ray(config.ray_address)
-    dataset = batch_inference.predictions(files_uri, model, "text", config.batch_size, config.actors)
+    dataset = batch_prediction.predictions(files_uri, model, "text", config.batch_size, config.actors)
     started = time.perf_counter()
-    metrics, hist_pos, hist_neg = score(batch_inference.iter_tables(dataset, rows, "evaluate"))
+    metrics, hist_pos, hist_neg = score(batch_prediction.iter_tables(dataset, rows, "evaluate"))
     metrics["rows_per_s"] = metrics["rows"] / max(time.perf_counter() - started, 1e-9)
 
-    experiment_id = tracking.ensure_experiment(config.experiment, artifact_root)
+    experiment_id = runs.ensure_experiment(config.experiment, artifact_root)
     client = MlflowClient()
     version = client.get_model_version(model.name, model.version)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{model.name}-v{model.version}") as run:
         mlflow.log_params({"model_uri": model.uri, "model_requested": config.model, "backend": model.backend, "data": data_name, "rows": rows})
         mlflow.set_tags({"model_name": model.name, "model_version": model.version, "evaluation_of": model.uri})
         if manifest is not None:
-            tracking.log_dataset_inputs(manifest)
+            runs.log_dataset_inputs(manifest)
         with tempfile.TemporaryDirectory(prefix="evaluation-") as folder:
-            metrics.update({k: v for k, v in reporting.roc_pr_png(hist_pos, hist_neg, Path(folder) / "roc_pr_curves.png").items()})
-            reporting.confusion_matrix_png([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]], Path(folder) / "confusion_matrix.png",
+            metrics.update({k: v for k, v in report_content.roc_pr_png(hist_pos, hist_neg, Path(folder) / "roc_pr_curves.png").items()})
+            report_content.confusion_matrix_png([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]], Path(folder) / "confusion_matrix.png",
                                            title=f"{model.name} v{model.version} on {data_name}")
             mlflow.log_artifacts(folder, "pictures")
         numeric = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}

@@ -8,7 +8,7 @@ Examples:
 The output holds every input column plus predicted_label, predicted_label_id, score and probability_<label>,
 in Parquet parts, committed at the end (renamed into place, or `_SUCCESS` written last
 on an object store): a failed run leaves no output. The model runs with its training's
-preprocessing (pipelines.inference), the backend being the version's default unless
+preprocessing (pipelines.inference.classifier), the backend being the version's default unless
 --backend names another.
 """
 
@@ -18,10 +18,13 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from pipelines import batch_inference, cli, console, runtime, tracking
-from pipelines.cli import field
-from pipelines.errors import ConfigError
-from pipelines.storage import default_storage
+from pipelines.cluster import runtime
+from pipelines.core import cli, console
+from pipelines.core.cli import field
+from pipelines.core.errors import ConfigError
+from pipelines.core.storage import default_storage
+from pipelines.inference import batch_prediction
+from pipelines.tracking import store_uri
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,18 @@ class PredictConfig:
 def run_predict(config: PredictConfig) -> tuple[int, int]:
     """Score `config.input` into `config.output`; (rows, files) written."""
     console.enter("model")
-    tracking_uri, _ = tracking.configure(config.storage, config.tracking_uri)
-    model = batch_inference.resolve_model(config.model, tracking_uri, config.backend)
+    tracking_uri, _ = store_uri.configure(config.storage, config.tracking_uri)
+    model = batch_prediction.resolve_model(config.model, tracking_uri, config.backend)
     console.stage("model", f"{model.uri}{'' if config.model == model.uri else f' ({config.model})'}, backend {model.backend}")
     console.enter("data")
-    batch_inference.check_output(config.output, config.overwrite)
-    rows = batch_inference.rows_of(config.input)
+    batch_prediction.check_output(config.output, config.overwrite)
+    rows = batch_prediction.rows_of(config.input)
     console.stage("data", f"{rows} rows in {config.input}")
     console.enter("predict")
     runtime.init_ray(config.ray_address)
-    dataset = batch_inference.predictions(config.input, model, config.text_column, config.batch_size, config.actors)
+    dataset = batch_prediction.predictions(config.input, model, config.text_column, config.batch_size, config.actors)
     started = time.perf_counter()
-    written, files = batch_inference.write_predictions(dataset, rows, config.output, config.overwrite)
+    written, files = batch_prediction.write_predictions(dataset, rows, config.output, config.overwrite)
     elapsed = time.perf_counter() - started
     console.stage("output", f"{written} rows in {files} files at {config.output} ({written / max(elapsed, 1e-9):.1f} rows/s)")
     return written, files

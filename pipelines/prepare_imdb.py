@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines import cli
-from pipelines.config import PrepareConfig
-from pipelines.prepare import prepare_dataset
+from pipelines.core import cli
+from pipelines.data.prepare import prepare_dataset
+from pipelines.data.settings import PrepareConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines import cli, console
-from pipelines.config import TrainConfig
+from pipelines.core import cli, console
+from pipelines.training.settings import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     # flags are validated here, before Ray or MLflow start
     args = build_parser().parse_args(argv)
     config = cli.from_namespace(TrainConfig, args)
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     with console.session("train", console.log_dir_for(config.storage), verbose=args.verbose):
         run_training(config)

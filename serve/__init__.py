@@ -1,0 +1,1 @@
+"""Ray Serve: the registered champion behind HTTP (/v1 and the Open Inference Protocol /v2), batched, autoscaled, with an API key. Uses pipelines.inference, pipelines.tracking and pipelines.core; never training or Tune."""

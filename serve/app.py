@@ -54,7 +54,7 @@ from ray.serve import Application
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from pipelines.errors import ConfigError
+from pipelines.core.errors import ConfigError
 from serve.http_api import build_http_app
 from serve.http_proxy import PROXIES, use_haproxy
 from serve.metrics import IngressMetrics, ServingMetrics
@@ -453,10 +453,10 @@ def build_app(
     autoscaling, resources...), `ingress_options` the ingress's (its runtime_env is where
     an API key for it goes in tests).
     """
-    from pipelines import tracking  # here: the ingress replicas import this module and never need MLflow
+    from pipelines.core import tracking_env
 
     check_api_key(ingress_options)
-    users_uri = tracking.users_tracking_uri()
+    users_uri = tracking_env.users_tracking_uri()
     if source.tracking_uri is None and users_uri:
         # resolved here, on the driver, so replicas use the same store wherever they run
         source = ModelSource(source.model_name, source.storage, users_uri)
@@ -486,8 +486,8 @@ def app_builder(args: dict | None = None) -> Application:
 # --- python -m serve.app ------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import add_arguments, from_namespace
-    from pipelines.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray
+    from pipelines.core.cli import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser(
         prog="python -m serve.app", description="Serve the registered champion model over HTTP with Ray Serve (blocks until Ctrl-C)."
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.http_proxy == "haproxy":
         use_haproxy(joining_cluster=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
 
-    from pipelines import console
+    from pipelines.core import console
 
     with console.session("serve", console.log_dir_for(source.storage), verbose=args.verbose):
         console.enter("model")
@@ -558,6 +558,6 @@ def ready_lines(host: str, port: int, route_prefix: str, model: str) -> list[str
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_main
+    from pipelines.core.cli import run_main
 
     run_main(main)

@@ -27,8 +27,8 @@ import os
 import shutil
 import tempfile
 
-from pipelines.errors import ConfigError
-from pipelines.ports import free_port
+from pipelines.core.errors import ConfigError
+from pipelines.core.ports import free_port
 
 PROXIES = ("serve", "haproxy")
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"

@@ -4,7 +4,7 @@
   `champion`) or a pinned `models:/<name>/<version>`.
 - `LoadedModel` is one version in memory: model, tokenizer, and the preprocessing that
   training used (the dataset's `clean_text`, the run's `max_length` and `truncation`
-  params, head+tail truncation from `pipelines.tokenization`), so a served review is
+  params, head+tail truncation from `pipelines.text.tokenization`), so a served review is
   cleaned and cut exactly like a trained one.
   It is warmed up before anyone calls it.
 - `ModelStore` resolves a selector through the registry and hot-swaps versions: the new
@@ -29,18 +29,18 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
-from pipelines.errors import ConfigError, PlatformError
-from pipelines.inference import Classifier, TextEncoder, TorchBackend, load_classifier_from
-from pipelines.variants import choose_backend
-from pipelines.model import LABEL_NAMES
-from pipelines.registry import CHAMPION
-from pipelines.tokenization import TRUNCATION_MODES
+from pipelines.core.errors import ConfigError, PlatformError
+from pipelines.inference.classifier import Classifier, TextEncoder, TorchBackend, load_classifier_from
+from pipelines.inference.variants import choose_backend
+from pipelines.text.model import LABEL_NAMES
+from pipelines.text.tokenization import TRUNCATION_MODES
+from pipelines.tracking import store_uri
+from pipelines.tracking.registry import CHAMPION
 
 log = logging.getLogger(__name__)
 
 # Used when a version's run has no `max_length` / `truncation` params (a model
-# registered by hand): the training defaults of pipelines.config.TrainConfig.
+# registered by hand): the training defaults of pipelines.training.settings.TrainConfig.
 DEFAULT_MAX_LENGTH = 256
 DEFAULT_TRUNCATION = "head_tail"
 # A short and a full-length batch: the first calls of a fresh model pay for
@@ -84,7 +84,7 @@ class ModelSelector:
 class LoadedModel:
     """One registered version in memory, ready to classify batches of texts.
 
-    `classifier` (pipelines.inference) holds the preprocessing and the backend chosen
+    `classifier` (pipelines.inference.classifier) holds the preprocessing and the backend chosen
     for this deployment. Given a torch `model` and `tokenizer` instead (a version
     registered before the pyfunc format, or a test), it is built from them.
     """
@@ -172,11 +172,11 @@ class ModelStore:
     """
 
     def __init__(self, storage: str | None = None, tracking_uri: str | None = None, device: torch.device | None = None):
-        from pipelines.storage import default_storage
+        from pipelines.core.storage import default_storage
 
         # Sets MLflow's process-wide tracking and registry URIs: load_model resolves
         # models:/ URIs through them.
-        self.tracking_uri, _ = tracking.configure(storage or default_storage(), tracking_uri)
+        self.tracking_uri, _ = store_uri.configure(storage or default_storage(), tracking_uri)
         self.client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
         self.device = device or pick_device()
         self.backend = "auto"  # the deployment's user_config.backend
@@ -204,7 +204,7 @@ class ModelStore:
         """Load and warm one version with `backend` (seconds to minutes: never call it per request).
 
         A version registered as the platform's pyfunc brings its model folder
-        (pipelines.variants): `auto` takes its default backend, and a backend marked
+        (pipelines.inference.variants): `auto` takes its default backend, and a backend marked
         unusable is refused. An older version (transformers flavor) runs on torch.
         """
         import mlflow

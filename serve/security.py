@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipelines.errors import ConfigError
+from pipelines.core.errors import ConfigError
 from serve.settings import API_KEY_ENV, API_KEY_FILE_ENV
 
 log = logging.getLogger(__name__)

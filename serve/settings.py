@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines.cli import field
-from pipelines.errors import ConfigError
-from pipelines.registry import CHAMPION
-from pipelines.storage import default_storage
+from pipelines.core.cli import field
+from pipelines.core.errors import ConfigError
+from pipelines.core.storage import default_storage
+from pipelines.tracking.registry import CHAMPION
 
-# pipelines.inference.BACKENDS plus auto (here as text: the ingress imports no torch)
+# pipelines.inference.classifier.BACKENDS plus auto (here as text: the ingress imports no torch)
 BACKEND_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
 API_KEY_ENV = "SERVE_API_KEY"
 API_KEY_FILE_ENV = "SERVE_API_KEY_FILE"

@@ -21,7 +21,7 @@ TEST_TEST_PER_LABEL = 100
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray sized like the CI machine (2 CPUs), shared by every test that needs it."""
-    from pipelines.runtime import init_ray, shutdown_ray
+    from pipelines.cluster.runtime import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
     yield
@@ -36,9 +36,9 @@ def storage_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_manifest(storage_root):
     """A small sample corpus prepared through the real prepare path."""
-    from pipelines.config import PrepareConfig
-    from pipelines.prepare import prepare_dataset
-    from pipelines.sample_corpus import write_sample_corpus
+    from pipelines.data.prepare import prepare_dataset
+    from pipelines.data.sample_corpus import write_sample_corpus
+    from pipelines.data.settings import PrepareConfig
 
     raw = write_sample_corpus(
         storage_root / "raw", train_per_label=TEST_TRAIN_PER_LABEL, test_per_label=TEST_TEST_PER_LABEL, seed=1
@@ -49,7 +49,7 @@ def sample_manifest(storage_root):
 
 @pytest.fixture(scope="session")
 def bundled_model_path() -> str:
-    from pipelines.tokenization import default_model_path
+    from pipelines.text.tokenization import default_model_path
 
     return default_model_path()
 

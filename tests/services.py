@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pipelines.ports import free_port
+from pipelines.core.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 START_MLFLOW_SCRIPT = REPO / "platform" / "mlflow" / "start_mlflow_server.sh"

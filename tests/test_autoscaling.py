@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import runtime
-from pipelines.config import TrainConfig
+from pipelines.cluster import autoscaler as cluster_autoscaler
+from pipelines.cluster import runtime
+from pipelines.training import resources
+from pipelines.training.settings import TrainConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,9 +33,9 @@ def autoscaler(monkeypatch):
     monkeypatch.setattr(runtime, "cluster_cpus", lambda: cluster["CPU"])
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: cluster["GPU"])
     monkeypatch.setattr(runtime, "largest_node_cpus", lambda: cluster["CPU"])
-    monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: cluster["max_gpus"])
+    monkeypatch.setattr(cluster_autoscaler, "autoscaler_max_gpus", lambda: cluster["max_gpus"])
     monkeypatch.setattr(runtime, "is_local_cluster", lambda: False)
-    monkeypatch.setattr(runtime.time, "sleep", lambda s: cluster.update(CPU=cluster["CPU"] + 4, GPU=cluster["GPU"] + 2))
+    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: cluster.update(CPU=cluster["CPU"] + 4, GPU=cluster["GPU"] + 2))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "60")
     return calls, cluster
@@ -42,14 +44,14 @@ def autoscaler(monkeypatch):
 def test_the_request_is_withdrawn_after_success_failure_and_ctrl_c(autoscaler):
     calls, _ = autoscaler
     config = TrainConfig(num_workers=2, batch_size=16, use_gpu="no")
-    with runtime.requested_resources(config):
+    with resources.requested_resources(config):
         assert calls == [[{"CPU": 1.0}, {"CPU": 1.0}]]
     assert calls[-1] == [], "not withdrawn after success"
 
     for error in (RuntimeError("training failed"), KeyboardInterrupt()):
         calls.clear()
         with pytest.raises(type(error)):
-            with runtime.requested_resources(config):
+            with resources.requested_resources(config):
                 raise error
         assert calls[-1] == [], f"not withdrawn after {type(error).__name__}"
 
@@ -58,25 +60,25 @@ def test_use_gpu_auto_asks_for_gpus_when_the_node_types_have_them_and_waits_for_
     calls, cluster = autoscaler
     cluster["max_gpus"] = 8.0  # GPU node types scaled to 0 right now
     config = TrainConfig(num_workers=2, batch_size=16, use_gpu="auto")
-    with runtime.requested_resources(config):
+    with resources.requested_resources(config):
         assert calls[0] == [{"CPU": 1.0, "GPU": 1}, {"CPU": 1.0, "GPU": 1}]
         assert runtime.cluster_gpus() >= 2, "went on before the GPU nodes came up"
-        use_gpu = runtime.plan_resources(config, tokenized_up_front=False).use_gpu
+        use_gpu = resources.plan_resources(config, tokenized_up_front=False).use_gpu
     assert use_gpu, "--use-gpu auto trained on CPUs although GPU nodes came up"
 
 
 def test_use_gpu_auto_stays_on_cpus_when_no_node_type_has_gpus(autoscaler):
     calls, cluster = autoscaler
     cluster["max_gpus"] = 0.0
-    with runtime.requested_resources(TrainConfig(num_workers=1, batch_size=8, use_gpu="auto")):
+    with resources.requested_resources(TrainConfig(num_workers=1, batch_size=8, use_gpu="auto")):
         assert calls[0] == [{"CPU": 1.0}]
 
 
 def test_the_wait_is_bounded(autoscaler, monkeypatch, caplog):
     calls, cluster = autoscaler
     monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "0")
-    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)  # the cluster never grows
-    with runtime.requested_resources(TrainConfig(num_workers=4, batch_size=16, use_gpu="yes")):
+    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: None)  # the cluster never grows
+    with resources.requested_resources(TrainConfig(num_workers=4, batch_size=16, use_gpu="yes")):
         pass
     assert "did not provide" in caplog.text
     assert calls[-1] == []
@@ -85,6 +87,6 @@ def test_the_wait_is_bounded(autoscaler, monkeypatch, caplog):
 def test_a_local_cluster_asks_nothing(autoscaler, monkeypatch):
     calls, _ = autoscaler
     monkeypatch.setattr(runtime, "is_local_cluster", lambda: True)
-    with runtime.requested_resources(TrainConfig()):
+    with resources.requested_resources(TrainConfig()):
         pass
     assert calls == []

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
-from pipelines.datasets import read_split_table
-from pipelines.errors import ConfigError, DataError
+from pipelines.core.errors import ConfigError, DataError
+from pipelines.data.datasets import read_split_table
+from pipelines.tracking import registration, runs, store_uri
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "batch-test"
@@ -32,10 +32,10 @@ MAX_LENGTH = 48
 def registered(tmp_path_factory, sample_manifest, tiny_model_dir):
     """(tracking URI, version) of the tiny model registered with max length 48, head+tail."""
     store = tmp_path_factory.mktemp("batch-mlflow")
-    uri, artifact_root = tracking.configure(str(store))
+    uri, artifact_root = store_uri.configure(str(store))
     # an experiment of our own: the store's Default one keeps its artifacts in ./mlruns
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment("batch-test", artifact_root)):
-        info = tracking.register_model(tiny_model_dir, tiny_model_dir, MODEL, sample_manifest, MAX_LENGTH, "head_tail")
+    with mlflow.start_run(experiment_id=runs.ensure_experiment("batch-test", artifact_root)):
+        info = registration.register_model(tiny_model_dir, tiny_model_dir, MODEL, sample_manifest, MAX_LENGTH, "head_tail")
     return uri, str(info.registered_model_version)
 
 
@@ -68,23 +68,23 @@ def test_registration_scores_the_variants_as_version_tags(registered):
 
 @pytest.mark.timeout(900)
 def test_pyfunc_batch_prediction_and_the_classifier_give_the_same_labels(registered, review_texts, tmp_path, ray_session):
-    from pipelines import batch_inference
-    from pipelines.inference import load_classifier_from
+    from pipelines.inference import batch_prediction
+    from pipelines.inference.classifier import load_classifier_from
 
     uri, version = registered
-    model = batch_inference.resolve_model(f"models:/{MODEL}/{version}", uri, "torch")
+    model = batch_prediction.resolve_model(f"models:/{MODEL}/{version}", uri, "torch")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}").predict(review_texts, params={"backend": "torch"})
-    direct = load_classifier_from(batch_inference.download_model_folder(model, str(tmp_path / "dl")), "torch").predict(review_texts)
-    dataset = batch_inference.predictions(str(parquet_of(tmp_path / "in", review_texts)), model, batch_size=32)
-    batch = pa.concat_tables(list(batch_inference.iter_tables(dataset, len(review_texts), "test")))
+    direct = load_classifier_from(batch_prediction.download_model_folder(model, str(tmp_path / "dl")), "torch").predict(review_texts)
+    dataset = batch_prediction.predictions(str(parquet_of(tmp_path / "in", review_texts)), model, batch_size=32)
+    batch = pa.concat_tables(list(batch_prediction.iter_tables(dataset, len(review_texts), "test")))
 
     assert batch.column("text").to_pylist() == review_texts  # order kept, every row once
     assert list(pyfunc["label"]) == [p["label"] for p in direct] == batch.column("predicted_label").to_pylist()
     np.testing.assert_allclose(pyfunc["probability_positive"], batch.column("probability_positive").to_numpy(), atol=1e-5)
     # the preprocessing really ran: markup changes nothing once cleaned, and a long text is cut to the max length
-    from pipelines.inference import TextEncoder
+    from pipelines.inference.classifier import TextEncoder
 
-    encoder = load_classifier_from(batch_inference.download_model_folder(model, str(tmp_path / "dl2")), "torch").encoder
+    encoder = load_classifier_from(batch_prediction.download_model_folder(model, str(tmp_path / "dl2")), "torch").encoder
     assert isinstance(encoder, TextEncoder)
     assert encoder.token_ids(["<b>Great</b> film &amp; cast"]) == encoder.token_ids(["Great film & cast"])
     assert max(len(ids) for ids in encoder.token_ids(review_texts)) == MAX_LENGTH
@@ -95,7 +95,7 @@ def test_a_batch_model_actor_keeps_its_model_in_memory_and_no_copy_on_disk(regis
     """One actor per CPU per job: a downloaded copy left behind by each would fill the nodes' disks."""
     import tempfile
 
-    from pipelines.batch_inference import PredictBatch, resolve_model
+    from pipelines.inference.batch_prediction import PredictBatch, resolve_model
 
     uri, version = registered
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -211,7 +211,7 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
 
 @pytest.mark.timeout(30)
 def test_backend_choice_follows_the_version_tags():
-    from pipelines.variants import choose_backend
+    from pipelines.inference.variants import choose_backend
 
     tags = {"backend.default": "onnx-int8", "backend.onnx-int8.usable": "true", "backend.onnx.usable": "false",
             "backend.onnx.accuracy": "0.80", "backend.torch.accuracy": "0.90"}
@@ -237,7 +237,7 @@ def test_backend_choice_follows_the_version_tags():
     ],
 )
 def test_actor_plan_gives_each_cpu_a_single_threaded_model(requested, files, cpus, expected):
-    from pipelines.batch_inference import plan_actors
+    from pipelines.inference.batch_prediction import plan_actors
 
     plan = plan_actors(requested, files, total_cpus=cpus)
     assert (plan.actors, plan.cpus_per_actor, plan.threads) == pytest.approx(expected)

@@ -1,4 +1,4 @@
-"""The order a worker trains in (pipelines.batching), and exact gradient accumulation.
+"""The order a worker trains in (pipelines.training.batching), and exact gradient accumulation.
 
 No Ray here: the step code takes plain iterators, as a bare GPU check does.
 """
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.batching import BatchPlan, epoch_steps
+from pipelines.training.batching import BatchPlan, epoch_steps
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,8 +108,8 @@ def _token_windows(rows: int, window: int):
 
 
 def _train_one_epoch(model_dir, batch_size: int, grad_accum: int, rows: int, epochs: int = 2):
-    from pipelines.model import load_classifier
-    from pipelines.training import batch_plan, build_optimizer, build_scheduler, train_epoch
+    from pipelines.text.model import load_classifier
+    from pipelines.training.loop import batch_plan, build_optimizer, build_scheduler, train_epoch
 
     torch.manual_seed(0)
     model = load_classifier(model_dir)

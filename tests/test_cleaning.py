@@ -1,11 +1,12 @@
-"""Tests for pipelines.cleaning: text normalisation and corpus de-duplication, with counts."""
+"""Tests for pipelines.data.cleaning: text normalisation and corpus de-duplication, with counts."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.cleaning import CleaningReport, clean_corpus, clean_text
-from pipelines.sources import RawSplit
+from pipelines.data.cleaning import CleaningReport, clean_corpus
+from pipelines.data.corpus import RawSplit
+from pipelines.text.cleaning import clean_text
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 STAGES = ("[data]", "[model]", "[resources]", "[training]", "[evaluation]", "[registration]")
@@ -141,7 +140,7 @@ def test_a_bad_flag_exits_2_with_one_line_and_no_log(tmp_path):
 SESSION_SCRIPT = """
 import logging, os, sys
 from pathlib import Path
-from pipelines import console
+from pipelines.core import console
 logging.basicConfig(level=logging.INFO)
 with console.session("unit", Path(sys.argv[1])) as log_file:
     print("library chatter")
@@ -187,7 +186,7 @@ def test_serve_tells_where_it_listens_and_how_to_call_it(monkeypatch):
 FAILING_SCRIPT = """
 import sys
 from pathlib import Path
-from pipelines import cli, console
+from pipelines.core import cli, console
 
 def main(argv):
     with console.session("unit", Path(sys.argv[1])):
@@ -213,7 +212,7 @@ def test_a_platform_failure_exits_1_with_its_stage_and_the_traceback_only_in_the
 INTERRUPTED_SCRIPT = """
 import atexit, logging, os, sys, threading, time
 from pathlib import Path
-from pipelines import cli, console
+from pipelines.core import cli, console
 
 def main(argv):
     # what libraries do on the way out: an atexit hook printing, a thread logging late
@@ -250,11 +249,12 @@ def test_a_library_run_tees_its_output_into_a_log_that_goes_once_uploaded(tmp_pa
     folder: it must hold what was printed while the block runs, and leave nothing behind."""
     import tempfile
 
-    from pipelines import console, tracking
+    from pipelines.core import console
+    from pipelines.tracking import run_log
 
     assert not console.active()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with tracking.console_log() as log_path:
+    with run_log.console_log() as log_path:
         print("epoch 1: loss 0.69")
         sys.stdout.flush()
         assert log_path.is_relative_to(tmp_path) and "epoch 1: loss 0.69" in log_path.read_text()

@@ -1,4 +1,4 @@
-"""Tests for pipelines.download against a real HTTP server on 127.0.0.1.
+"""Tests for pipelines.data.download against a real HTTP server on 127.0.0.1.
 
 The server serves a small aclImdb-like tarball and can misbehave on demand
 (drop the connection halfway, ignore Range, answer 404, stall), so resume,
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.download import download, fetch_to_cache, part_path, sha256_of
-from pipelines.errors import DownloadError
+from pipelines.core.errors import DownloadError
+from pipelines.data.download import download, fetch_to_cache, part_path, sha256_of
 
 CHUNK = 4096  # small, so the ~tens of KB archive arrives in many chunks
 FILE_PATH = "/data/aclImdb_v1.tar.gz"

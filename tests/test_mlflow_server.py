@@ -1,7 +1,7 @@
 """The MLflow tracking server over the store a training run writes, through its REST API.
 
 A run and a registered version are made with MLflow's client in the same SQLite store and
-artifact folder that `pipelines.tracking` gives a local training run (training itself is
+artifact folder that `pipelines.tracking.runs` gives a local training run (training itself is
 tested elsewhere; here it would only cost minutes). Then:
 - `mlflow server` as the README shows it finds the run, its metric history, the registered
   model and the `champion` alias over HTTP, and serves the UI;
@@ -16,11 +16,11 @@ tested elsewhere; here it would only cost minutes). Then:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from pipelines.ports import free_port
+from pipelines.core.ports import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,7 +78,7 @@ def store(tmp_path_factory) -> dict:
     """A finished training-like run, a registered version 1 and @champion -> 1."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import local_store
+    from pipelines.tracking.store_uri import local_store
 
     storage = tmp_path_factory.mktemp("mlflow-server-storage")
     tracking_uri, artifact_root = local_store(str(storage))

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines import datasets
-from pipelines.config import PrepareConfig
-from pipelines.datasets import load_manifest
-from pipelines.errors import DataError
-from pipelines.prepare import prepare_dataset
-from pipelines.sample_corpus import write_sample_corpus
-from pipelines.storage import StorageError, resolve
+from pipelines.core.errors import DataError
+from pipelines.core.storage import StorageError, resolve
+from pipelines.data import datasets
+from pipelines.data.datasets import load_manifest
+from pipelines.data.prepare import prepare_dataset
+from pipelines.data.sample_corpus import write_sample_corpus
+from pipelines.data.settings import PrepareConfig
 from tests.services import S3Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -201,12 +201,12 @@ def test_storage_location_never_renames_on_an_object_store(s3, bucket):
 def test_object_store_storage_without_a_tracking_uri_says_where_runs_go(s3, monkeypatch, capsys, tmp_path):
     import mlflow
 
-    from pipelines import tracking
+    from pipelines.tracking import store_uri
 
     previous = mlflow.get_tracking_uri()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "DEFAULT_STORAGE", str(tmp_path / "cache"))
-    uri, artifact_root = tracking.configure("s3://somewhere/platform")
+    monkeypatch.setattr(store_uri, "DEFAULT_STORAGE", str(tmp_path / "cache"))
+    uri, artifact_root = store_uri.configure("s3://somewhere/platform")
     assert uri == f"sqlite:///{tmp_path / 'cache' / 'mlflow' / 'mlflow.db'}"
     assert artifact_root.startswith("file://")
     out = capsys.readouterr().out
@@ -215,19 +215,19 @@ def test_object_store_storage_without_a_tracking_uri_says_where_runs_go(s3, monk
 
 
 def test_an_mlflow_server_that_does_not_answer_gives_one_line(monkeypatch):
-    from pipelines import tracking
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
+    from pipelines.tracking import store_uri
 
     with pytest.raises(ConfigError, match=r"MLflow tracking server http://127.0.0.1:9: not reachable .*refused"):
-        tracking.configure("/tmp/unused", "http://127.0.0.1:9")
+        store_uri.configure("/tmp/unused", "http://127.0.0.1:9")
 
 
 def test_a_database_that_refuses_the_connection_gives_one_line_without_the_password():
-    from pipelines import tracking
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
+    from pipelines.tracking import store_uri
 
     with pytest.raises(ConfigError, match=r"postgresql://mlflow:\*\*\*@127.0.0.1:9/mlflow: cannot connect .*refused") as error:
-        tracking.configure("/tmp/unused", "postgresql://mlflow:s3cret@127.0.0.1:9/mlflow")
+        store_uri.configure("/tmp/unused", "postgresql://mlflow:s3cret@127.0.0.1:9/mlflow")
     assert "s3cret" not in str(error.value)
 
 
@@ -264,7 +264,7 @@ storage_texts = st.one_of(
 @given(text=storage_texts)
 def test_any_storage_text_is_a_location_or_one_clear_error(s3, text):
     """The --storage door: whatever is typed, a usable Location or a PlatformError, never another exception."""
-    from pipelines.errors import PlatformError
+    from pipelines.core.errors import PlatformError
 
     if text.startswith("gs://"):
         text = "s3://" + text[5:]  # no GCS server here: the same code path against the S3 one

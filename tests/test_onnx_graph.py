@@ -1,4 +1,4 @@
-"""The ONNX export fused for ONNX Runtime (pipelines.onnx_graph): faster kernels, the same answers.
+"""The ONNX export fused for ONNX Runtime (pipelines.inference.onnx_graph): faster kernels, the same answers.
 
 On the tiny BERT: the exported graph runs ORT's fused Attention (fed the padding mask
 as mask_index) and BiasGelu, its layer norms as Add + LayerNormalization (ORT's
@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipelines import onnx_graph
-from pipelines.inference import BACKENDS, CPU_ROWS_PER_PASS, InferenceSettings, export_onnx, load_classifier_from, quantize_int8
+from pipelines.inference import onnx_graph
+from pipelines.inference.classifier import BACKENDS, CPU_ROWS_PER_PASS, InferenceSettings, load_classifier_from
+from pipelines.inference.export import export_onnx, quantize_int8
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,8 +33,8 @@ def op_counts(path) -> Counter:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from pipelines.model import load_classifier
-    from pipelines.tokenization import load_tokenizer
+    from pipelines.text.model import load_classifier
+    from pipelines.text.tokenization import load_tokenizer
     from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("onnx-graph")
@@ -99,9 +100,9 @@ def test_passes_of_similar_lengths_answer_as_one_pass_in_the_callers_order(folde
 
 
 def test_a_graph_the_fusions_break_is_kept_plain(folder, tmp_path, monkeypatch):
-    from pipelines.inference import Classifier, OnnxBackend
-    from pipelines.model import load_classifier
-    from pipelines.tokenization import load_tokenizer
+    from pipelines.inference.classifier import Classifier, OnnxBackend
+    from pipelines.text.model import load_classifier
+    from pipelines.text.tokenization import load_tokenizer
 
     hf = str(folder / "hf")
     reference = load_classifier_from(folder, "torch")

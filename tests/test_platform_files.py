@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-
 from test_cluster_config import find_secrets  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.timeout(120)
@@ -159,9 +158,9 @@ def test_commands_in_the_manifests_exist_in_the_image():
 
 
 def test_rayjob_runs_train_imdb_with_flags_it_accepts():
-    from pipelines import cli
-    from pipelines.config import TrainConfig
+    from pipelines.core import cli
     from pipelines.train_imdb import build_parser
+    from pipelines.training.settings import TrainConfig
 
     spec = manifests()["RayJob"]["spec"]
     argv = shlex.split(spec["entrypoint"])
@@ -342,7 +341,7 @@ def test_runbook_names_metrics_and_mlflow_fields_that_exist():
     text = RUNBOOK.read_text()
     metrics = re.findall(r"\bray_(?:serve|data|train|node|imdb)_[a-z0-9_]+", text)
     assert metrics and unknown_metrics(metrics) == set()
-    code = "\n".join(p.read_text() for p in [*(REPO / "pipelines").glob("*.py"), *(REPO / "serve").glob("*.py")])
+    code = "\n".join(p.read_text() for p in [*(REPO / "pipelines").rglob("*.py"), *(REPO / "serve").glob("*.py")])
     for field in set(re.findall(r"`((?:train|val|test)/[a-z_]+)`", text)):
         metric = field.split("/", 1)[1]
         assert f'"{field}"' in code or f'"{metric}"' in code, f"RUNBOOK names {field}, which nothing logs"
@@ -357,7 +356,7 @@ def test_runbook_names_metrics_and_mlflow_fields_that_exist():
 def _train_fields() -> frozenset[str]:
     import dataclasses
 
-    from pipelines.config import TrainConfig
+    from pipelines.training.settings import TrainConfig
 
     return frozenset(f.name for f in dataclasses.fields(TrainConfig))
 

@@ -14,15 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import datasets, prepare_imdb
-from pipelines.cleaning import clean_corpus
-from pipelines.config import PrepareConfig
-from pipelines.datasets import load_manifest, read_split_table
-from pipelines.errors import ConfigError, DataError
-from pipelines.prepare import prepare_dataset
-from pipelines.sample_corpus import write_sample_corpus
-from pipelines.storage import StorageError
-from pipelines.sources import RawSplit, fingerprint, read_folder
+from pipelines import prepare_imdb
+from pipelines.core.errors import ConfigError, DataError
+from pipelines.core.storage import StorageError
+from pipelines.data import datasets
+from pipelines.data.cleaning import clean_corpus
+from pipelines.data.corpus import RawSplit, fingerprint
+from pipelines.data.datasets import load_manifest, read_split_table
+from pipelines.data.prepare import prepare_dataset
+from pipelines.data.sample_corpus import write_sample_corpus
+from pipelines.data.settings import PrepareConfig
+from pipelines.data.sources import read_folder
 
 pytestmark = pytest.mark.timeout(60)
 

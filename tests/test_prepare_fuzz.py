@@ -35,13 +35,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipelines import cli, prepare_imdb
-from pipelines.cleaning import clean_text
-from pipelines.config import PrepareConfig
-from pipelines.datasets import load_manifest, read_split_table
-from pipelines.errors import ConfigError, DataError
-from pipelines.prepare import PrepareResult, prepare_dataset
-from pipelines.sources import resolve_source
+from pipelines import prepare_imdb
+from pipelines.core import cli
+from pipelines.core.errors import ConfigError, DataError
+from pipelines.data.datasets import load_manifest, read_split_table
+from pipelines.data.prepare import PrepareResult, prepare_dataset
+from pipelines.data.settings import PrepareConfig
+from pipelines.data.sources import resolve_source
+from pipelines.text.cleaning import clean_text
 
 EXAMPLES = int(os.environ.get("PREPARE_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.reporting import (
+from pipelines.tracking.report_content import (
     MAX_DESCRIPTION_CHARS,
     confusion_matrix_png,
     curve_metrics,
@@ -273,6 +273,6 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, pipelines.reporting; print(sorted(m for m in ('matplotlib', 'ray', 'mlflow') if m in sys.modules))"
+    code = "import sys, pipelines.tracking.report_content; print(sorted(m for m in ('matplotlib', 'ray', 'mlflow') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -9,12 +9,7 @@ import statistics
 
 import pytest
 
-from pipelines.sample_corpus import (
-    SAMPLE_TEST_PER_LABEL,
-    SAMPLE_TRAIN_PER_LABEL,
-    generate_reviews,
-    write_sample_corpus,
-)
+from pipelines.data.sample_corpus import SAMPLE_TEST_PER_LABEL, SAMPLE_TRAIN_PER_LABEL, generate_reviews, write_sample_corpus
 
 FILE_NAME = re.compile(r"^(\d+)_(\d+)\.txt$")
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from pipelines.ports import free_port
+from pipelines.core.ports import free_port
 from serve.settings import ModelSource, ScalingSettings, ServingConfig, split_app_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +46,12 @@ def registry(tmp_path_factory, tiny_model_dir):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipelines import tracking
-    from pipelines.tracking import model_requirements
+    from pipelines.tracking import runs, store_uri
+    from pipelines.tracking.registration import model_requirements
 
     storage = tmp_path_factory.mktemp("serve-storage")
-    tracking_uri, artifact_root = tracking.configure(str(storage))
-    experiment_id = tracking.ensure_experiment("serve-tests", artifact_root)
+    tracking_uri, artifact_root = store_uri.configure(str(storage))
+    experiment_id = runs.ensure_experiment("serve-tests", artifact_root)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for accuracy in (0.61, 0.72):
@@ -156,7 +156,7 @@ def test_config_yaml_is_a_valid_serve_config():
 
 @pytest.mark.timeout(60)
 def test_settings_reject_what_would_misconfigure_a_replica():
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown user_config keys"):
         ServingConfig.from_user_config({"max_batch_sise": 8})
@@ -174,7 +174,7 @@ def test_settings_reject_what_would_misconfigure_a_replica():
 
 @pytest.mark.timeout(60)
 def test_api_key_comes_from_env_or_file_and_is_checked(tmp_path):
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
     from serve.security import ApiKeyGuard, load_api_key
 
     assert load_api_key({}) is None
@@ -196,7 +196,7 @@ def test_api_key_comes_from_env_or_file_and_is_checked(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_bad_api_key_fails_in_the_driver_before_anything_is_deployed(monkeypatch, tmp_path):
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
     from serve.app import app_builder, build_app
 
     monkeypatch.delenv("SERVE_API_KEY_FILE", raising=False)
@@ -293,7 +293,7 @@ def test_ingress_resends_a_prediction_only_when_the_replica_died():
 def test_model_store_tokenizes_like_training_and_batches_consistently(registry, tiny_model_dir):
     import numpy as np
 
-    from pipelines.tokenization import TokenizeBatch, TokenizerSettings
+    from pipelines.text.tokenization import TokenizeBatch, TokenizerSettings
     from serve.model_store import ModelNotFound, ModelSelector, ModelStore
 
     store = ModelStore(registry["storage"], registry["tracking_uri"])
@@ -617,7 +617,7 @@ HAPROXY_SETTINGS = (
 @pytest.mark.timeout(30)
 def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_path):
     """Two local Serve instances behind HAProxy must not share Ray's defaults (/tmp/haproxy-serve, ports 8404 and 9101)."""
-    from pipelines.errors import ConfigError
+    from pipelines.core.errors import ConfigError
     from serve.http_proxy import haproxy_binary, use_haproxy
 
     for name in HAPROXY_SETTINGS:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from pipelines.ports import free_port
+from pipelines.core.ports import free_port
 from serve.http_api import build_http_app
 from serve.schemas import RequestLimits
 from serve.security import ApiKeyGuard
@@ -406,9 +406,8 @@ def test_tritonclient_infer_matches_v1(triton, binary):
 
 @pytest.mark.timeout(60)
 def test_tritonclient_sees_errors_with_status_and_message(triton):
-    from tritonclient.utils import InferenceServerException
-
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     cases = [
         (lambda: triton_infer(triton, ["a"] * 9, False), "400", "limit is 8"),

@@ -1,4 +1,4 @@
-"""Tests for pipelines.sources (tarball, folder, Parquet, URL readers) and validation.check_rows."""
+"""Tests for pipelines.data.sources (tarball, folder, Parquet, URL readers) and validation.check_rows."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.errors import DataError
-from pipelines.sample_corpus import write_sample_corpus
-from pipelines.sources import (
-    RawSplit,
-    fingerprint,
-    find_acl_root,
-    read_folder,
-    read_parquet,
-    read_tarball,
-    resolve_source,
-)
-from pipelines.validation import check_rows
+from pipelines.core.errors import DataError
+from pipelines.data.corpus import RawSplit, fingerprint
+from pipelines.data.sample_corpus import write_sample_corpus
+from pipelines.data.sources import find_acl_root, read_folder, read_parquet, read_tarball, resolve_source
+from pipelines.data.validation import check_rows
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Tests for pipelines.splitting (hash-decided, stratified splits) and validation.check_splits."""
+"""Tests for pipelines.data.splitting (hash-decided, stratified splits) and validation.check_splits."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from pipelines.errors import DataError
-from pipelines.sources import RawSplit
-from pipelines.splitting import hash_order, stratified_split
-from pipelines.validation import check_splits, label_counts
+from pipelines.core.errors import DataError
+from pipelines.data.corpus import RawSplit
+from pipelines.data.splitting import hash_order, stratified_split
+from pipelines.data.validation import check_splits, label_counts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.streaming import DataResources, read_split, tokenized_splits
-from pipelines.tokenization import PadCollate, TokenizerSettings
+from pipelines.data.reading import DataResources, read_split
+from pipelines.text.tokenization import PadCollate, TokenizerSettings
+from pipelines.training.feed import tokenized_splits
 
 pytestmark = pytest.mark.timeout(300)  # a resource deadlock fails here instead of hanging CI
 
@@ -42,9 +43,9 @@ def test_training_rows_arrive_in_shard_order_on_every_pass(ray_session, sample_m
     """
     import numpy as np
 
-    from pipelines.config import TrainConfig
-    from pipelines.datasets import read_split_table
-    from pipelines.streaming import EvalSplitDataConfig, training_datasets
+    from pipelines.data.datasets import read_split_table
+    from pipelines.training.feed import EvalSplitDataConfig, training_datasets
+    from pipelines.training.settings import TrainConfig
 
     config = TrainConfig(data=sample_manifest.root.uri, batch_size=16, max_length=32, group_by_length=False)
     # small tokenizer batches and two tasks: without preserve_order, blocks finish out of order

@@ -1,4 +1,4 @@
-"""Tests for pipelines.tokenization without Ray: the UDF classes are called directly."""
+"""Tests for pipelines.text.tokenization without Ray: the UDF classes are called directly."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.errors import ConfigError
-from pipelines.tokenization import (
+from pipelines.core.errors import ConfigError
+from pipelines.text.tokenization import (
     PadCollate,
     RustTokenizer,
     TokenizeBatch,
@@ -242,7 +242,7 @@ def test_a_data_worker_tokenizes_without_importing_torch_or_transformers(bundled
     program = f"""
 import sys
 import numpy as np
-from pipelines.tokenization import TokenizerSettings, tokenize_batch
+from pipelines.text.tokenization import TokenizerSettings, tokenize_batch
 batch = {{"text": np.array(["A moving story."], dtype=object), "label": np.array([1])}}
 rows = tokenize_batch(batch, TokenizerSettings({bundled_model_path!r}, 32).as_dict(), rust=True)["input_ids"]
 print(rows[0].tolist(), sorted(m for m in ("torch", "transformers") if m in sys.modules))

@@ -17,9 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines import registry
-from pipelines.config import TrainConfig
-from pipelines.errors import ConfigError, DataError
+from pipelines.core.errors import ConfigError, DataError
+from pipelines.tracking import registry
+from pipelines.training.settings import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
     """One real training run shared by the assertions below (it is the slow part)."""
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     storage = tmp_path_factory.mktemp("train-storage")
     config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2)
@@ -63,7 +63,7 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
     A random tiny BERT learns this corpus only now and then within a test's budget; the
     pretrained model always does, so the learning assertions live here.
     """
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     config = TrainConfig(
         # two whole epochs of the test corpus (2 x 34 steps of 16) with the default length grouping.
@@ -145,7 +145,7 @@ def test_model_is_registered_promoted_and_loadable(first_run):
 @pytest.mark.timeout(900)
 def test_gate_keeps_the_better_champion(minilm_run, sample_manifest, tiny_model_dir):
     """A nearly untrained model arrives after a good one: registered, but not promoted."""
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     config, champion_run = minilm_run
     worse = run_training(
@@ -166,7 +166,7 @@ def test_gate_keeps_the_better_champion(minilm_run, sample_manifest, tiny_model_
 @pytest.mark.timeout(600)
 def test_worker_failure_resumes_from_checkpoint(ray_session, sample_manifest, tmp_path, tiny_model_dir):
     """A worker crashes at the start of epoch 2; Ray restarts it, and it resumes from epoch 1's checkpoint."""
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     marker = tmp_path / "fault-injected"
     # the lazy pipeline (read + tokenize every epoch) under a restart; other runs cache the token ids
@@ -218,8 +218,8 @@ def test_bad_flags_exit_with_one_line(flags, message):
 
 @pytest.mark.timeout(120)
 def test_unknown_data_and_model_paths_fail_before_training(tmp_path, sample_manifest):
-    from pipelines.fine_tune import resolve_dataset
-    from pipelines.model import resolve_model_path
+    from pipelines.text.model import resolve_model_path
+    from pipelines.training.job import resolve_dataset
 
     with pytest.raises(DataError, match="prepare_imdb"):
         resolve_dataset(TrainConfig(data=str(tmp_path / "nowhere"), storage=str(tmp_path)))
@@ -236,13 +236,13 @@ def test_imdb_offline_names_the_way_out(tmp_path, monkeypatch):
     """--data imdb with nothing prepared and no network: the message says what to do."""
     import socket
 
-    from pipelines import config as config_module
-    from pipelines.fine_tune import resolve_dataset
+    from pipelines.data import settings as data_settings
+    from pipelines.training.job import resolve_dataset
 
     with socket.socket() as probe:  # a port that was just free: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setitem(config_module.SOURCE_ALIASES, "imdb", f"http://127.0.0.1:{port}/aclImdb_v1.tar.gz")
+    monkeypatch.setitem(data_settings.SOURCE_ALIASES, "imdb", f"http://127.0.0.1:{port}/aclImdb_v1.tar.gz")
     with pytest.raises(DataError) as error:
         resolve_dataset(TrainConfig(data="imdb", storage=str(tmp_path)))
     assert "--data sample" in str(error.value) and "prepare_imdb --source" in str(error.value)
@@ -250,7 +250,7 @@ def test_imdb_offline_names_the_way_out(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_more_workers_than_the_cluster_holds(ray_session):
-    from pipelines.runtime import plan_resources
+    from pipelines.training.resources import plan_resources
 
     with pytest.raises(ConfigError, match="CPUs"):
         plan_resources(TrainConfig(num_workers=4, batch_size=32), tokenized_up_front=True)
@@ -260,8 +260,8 @@ def test_more_workers_than_the_cluster_holds(ray_session):
 
 @pytest.mark.timeout(120)
 def test_token_cache_is_used_when_it_fits_the_object_store(ray_session, sample_manifest):
-    from pipelines import runtime
-    from pipelines.streaming import should_cache_tokenized
+    from pipelines.cluster import runtime
+    from pipelines.training.feed import should_cache_tokenized
 
     small, store = TrainConfig(max_length=64), runtime.object_store_bytes()
     assert should_cache_tokenized(small, sample_manifest, 1, store), "a few hundred reviews fit any object store"
@@ -275,8 +275,8 @@ def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):
     """The loop's optimizer pieces alone, without Ray: loss falls over a few steps."""
     from transformers import get_linear_schedule_with_warmup
 
-    from pipelines.model import load_classifier
-    from pipelines.training import build_optimizer
+    from pipelines.text.model import load_classifier
+    from pipelines.training.loop import build_optimizer
 
     torch.manual_seed(0)
     model = load_classifier(tiny_model_dir)
@@ -300,7 +300,7 @@ def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):
 @pytest.mark.timeout(900)
 def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path, tiny_model_dir):
     """No restarts allowed: the crash ends the run; `--run-name NAME --resume` finishes it, same MLflow run."""
-    from pipelines.fine_tune import TrainingFailed, run_training
+    from pipelines.training.job import TrainingFailed, run_training
 
     storage = tmp_path / "storage"
     marker = tmp_path / "fault-injected"
@@ -328,7 +328,7 @@ def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path,
 @pytest.mark.timeout(600)
 def test_early_stopping_registers_the_best_epoch(ray_session, sample_manifest, tmp_path, tiny_model_dir):
     """A learning rate too small to change a prediction: epoch 2 is no better, patience 1 stops there."""
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=4, lr=1e-9, max_steps_per_epoch=2,
                          early_stopping_patience=1, register_as="early-imdb")
@@ -345,8 +345,9 @@ def test_the_best_epoch_is_kept_and_checkpointed(tiny_model_dir):
     """Bare: epoch 2 is best, epoch 3 is worse; the checkpoint of epoch 3 carries epoch 2's model for registration."""
     import shutil
 
-    from pipelines.model import load_classifier
-    from pipelines.training import BestEpoch, best_model_folder, build_optimizer, build_scheduler, save_checkpoint
+    from pipelines.text.model import load_classifier
+    from pipelines.training.checkpoints import best_model_folder, save_checkpoint
+    from pipelines.training.loop import BestEpoch, build_optimizer, build_scheduler
 
     model = load_classifier(tiny_model_dir)
     optimizer = build_optimizer(model, 1e-3, 0.0)
@@ -383,6 +384,6 @@ def test_the_best_epoch_is_kept_and_checkpointed(tiny_model_dir):
     ],
 )
 def test_threads_use_the_cpus_ray_data_does_not_need(options, cached, node_cpus, use_gpu, threads):
-    from pipelines.runtime import plan_threads
+    from pipelines.training.resources import plan_threads
 
     assert plan_threads(TrainConfig(**options), use_gpu, cached, node_cpus) == threads

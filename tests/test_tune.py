@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import TrainConfig
-from pipelines.errors import ConfigError
+from pipelines.core.errors import ConfigError
+from pipelines.training.settings import TrainConfig
 from tune.settings import NOT_FLAGS, SweepConfig
 from tune.sweep import check_batch_sizes, plan_concurrency, search_space, trials_planned
 from tune.tune_imdb import build_parser, parse_settings
@@ -173,9 +173,8 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     """
     import ray
 
+    from pipelines.tracking.store_uri import local_store
     from tune.sweep import run_sweep
-
-    from pipelines.tracking import local_store
 
     storage = tmp_path / "storage"
     # named on both sides: the child and the resume below in this process use the same store,

@@ -19,7 +19,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipelines.tokenization import default_model_path
+    from pipelines.text.tokenization import default_model_path
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())

@@ -21,9 +21,9 @@ import math
 import typing
 from dataclasses import asdict, dataclass, fields, replace
 
-from pipelines.cli import field
-from pipelines.config import TrainConfig
-from pipelines.errors import ConfigError
+from pipelines.core.cli import field
+from pipelines.core.errors import ConfigError
+from pipelines.training.settings import TrainConfig
 
 SCHEDULERS = ("asha", "fifo")
 # the per-epoch validation metric that ASHA compares and the best trial is chosen by

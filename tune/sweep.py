@@ -9,7 +9,7 @@ for the sweep and a child run per trial; the best finished trial is registered a
 passes the same champion gate as a training run.
 
 The console gets stage lines and one line per trial event (`TrialEvents`); Tune's
-status tables are off and everything Ray prints goes to the log file (pipelines.console).
+status tables are off and everything Ray prints goes to the log file (pipelines.core.console).
 """
 
 from __future__ import annotations
@@ -35,14 +35,17 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines import console, fine_tune, registry, runtime, streaming, tracking
-from pipelines.datasets import Manifest, load_manifest
-from pipelines.errors import ConfigError, PlatformError
-from pipelines.model import resolve_model_path
-from pipelines.storage import resolve
-from pipelines.streaming import DataResources
-from pipelines.tokenization import load_tokenizer, rust_tokenizer_agrees
-from pipelines.training import best_model_folder
+from pipelines.cluster import runtime
+from pipelines.core import console
+from pipelines.core.errors import ConfigError, PlatformError
+from pipelines.core.storage import resolve
+from pipelines.data.datasets import Manifest, load_manifest
+from pipelines.data.reading import DataResources
+from pipelines.text.model import resolve_model_path
+from pipelines.text.tokenization import load_tokenizer, rust_tokenizer_agrees
+from pipelines.tracking import callbacks, registration, registry, reports, run_log, runs, store_uri
+from pipelines.training import feed, job, resources
+from pipelines.training.checkpoints import best_model_folder
 from tune.settings import Dimension, SweepConfig, coerce
 
 log = logging.getLogger(__name__)
@@ -151,14 +154,14 @@ def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
     """Trials at once that fit the cluster; an explicit --max-concurrent beyond that is an error."""
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     train = config.train
-    per_trial_cpus = train.num_workers * train.cpus_per_worker + runtime.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
+    per_trial_cpus = train.num_workers * train.cpus_per_worker + resources.DATA_CPU_RESERVE + TRIAL_DRIVER_CPUS
     fits = int(cpus // per_trial_cpus)
     if use_gpu:
         fits = min(fits, int(gpus // train.num_workers))
     if fits < 1:
         raise ConfigError(
             f"one trial needs {per_trial_cpus:g} CPUs ({train.num_workers} worker(s) x {train.cpus_per_worker:g} "
-            f"+ {runtime.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
+            f"+ {resources.DATA_CPU_RESERVE} for data) but the cluster has {cpus:g}"
         )
     if config.max_concurrent is not None and config.max_concurrent > fits:
         raise ConfigError(
@@ -169,11 +172,11 @@ def plan_concurrency(config: SweepConfig, use_gpu: bool) -> int:
     return config.max_concurrent or fits
 
 
-def trial_threads(config: SweepConfig, plan: runtime.ResourcePlan, concurrency: int) -> int:
+def trial_threads(config: SweepConfig, plan: resources.ResourcePlan, concurrency: int) -> int:
     """Torch threads per trial worker: the CPUs left by data, shared by the trials that run at once."""
     if plan.use_gpu:
         return plan.threads_per_worker
-    free = plan.cluster_cpus - concurrency * runtime.DATA_CPU_RESERVE
+    free = plan.cluster_cpus - concurrency * resources.DATA_CPU_RESERVE
     return max(1, int(free // (concurrency * config.train.num_workers)))
 
 
@@ -278,7 +281,7 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
     client = MlflowClient(context.tracking_uri)
     run_id = _child_run(client, context, trial_id)
     # the whole TrainConfig, as a train_imdb run logs it: trials and runs compare key by key
-    params = tracking.flat_params({**asdict(config), "model_path": context.model_path})
+    params = runs.flat_params({**asdict(config), "model_path": context.model_path})
     try:
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
                          tags=[RunTag("swept", ",".join(sorted(sampled)))])
@@ -288,9 +291,9 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
     # this trial actor's own DataContext (each dataset copies it): Ray Data's per-operator
     # bars would redraw into the sweep's log file, thousands of lines per trial
     DataContext.get_current().enable_progress_bars = False
-    cache = streaming.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
-    datasets = streaming.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache, context.rust_tokenizer)
-    loop_config = fine_tune.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
+    cache = feed.should_cache_tokenized(config, manifest, context.alive_nodes, context.object_store_bytes)
+    datasets = feed.training_datasets(manifest, context.model_path, config, DataResources(**context.data_resources), cache, context.rust_tokenizer)
+    loop_config = job.build_loop_config(config, manifest, context.model_path, context.pad_token_id, context.threads_per_worker)
     run_config = RunConfig(
         name=config.run_name,
         storage_path=resolve(config.storage).child("tune_results", context.sweep_name, "train").uri,
@@ -299,9 +302,9 @@ def run_trial(sampled: dict, context: SweepContext) -> None:
         # survives a bad write; without a limit every epoch of every trial stays on disk
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         # MLflow first: once Tune has the result it may stop (kill) this trial at once
-        callbacks=[tracking.MlflowEpochLogger(context.tracking_uri, run_id), TuneReportCallback()],
+        callbacks=[callbacks.MlflowEpochLogger(context.tracking_uri, run_id), TuneReportCallback()],
     )
-    fine_tune.build_trainer(loop_config, datasets, config, context.use_gpu, run_config).fit()
+    job.build_trainer(loop_config, datasets, config, context.use_gpu, run_config).fit()
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -314,7 +317,7 @@ def _parent_marker(config: SweepConfig, sweep_name: str):
 def _start_parent_run(config: SweepConfig, sweep_name: str, experiment_id: str) -> str:
     if not config.resume:
         resolve(config.train.storage).child("tune_results", sweep_name).makedirs()
-    return tracking.start_or_resume_run(
+    return runs.start_or_resume_run(
         _parent_marker(config, sweep_name), resume=config.resume, experiment_id=experiment_id,
         run_name=sweep_name, kind="sweep", name_flag="--sweep-name",
     )
@@ -453,11 +456,11 @@ def _close_child_runs(client: MlflowClient, experiment_id: str, parent_run_id: s
 
 
 def _child_run_of(client: MlflowClient, context: SweepContext, trial_id: str) -> str:
-    runs = client.search_runs(
+    child_runs = client.search_runs(
         [context.experiment_id],
         filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.`mlflow.parentRunId` = '{context.parent_run_id}'",
     )
-    return runs[0].info.run_id
+    return child_runs[0].info.run_id
 
 
 def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifest, best: dict, child_run_id: str, client: MlflowClient):
@@ -467,7 +470,7 @@ def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifes
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-            model_info = tracking.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length, trained.truncation)
+            model_info = registration.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length, trained.truncation)
     version = str(model_info.registered_model_version)
     decision = registry.apply_gate(client, register_as, version, config.train.promote, float(best["test_accuracy"]), manifest.content_hash)
     return version, decision
@@ -508,21 +511,21 @@ def sweep_description(config: SweepConfig, sweep_name: str, rows: list[dict], be
 def _record_best(config: SweepConfig, context: SweepContext, manifest: Manifest, rows: list[dict], best: dict, final: dict, client: MlflowClient):
     """The best trial's test pass in the parent run (pictures, description), then its model registered with a card."""
     train = config.train
-    model = fine_tune.model_name(train.model, context.model_path).split(" (")[0]
+    model = job.model_name(train.model, context.model_path).split(" (")[0]
     child_run_id = _child_run_of(client, context, best["trial_id"])
-    tracking.log_test_results(final, manifest.to_json(), step=int(final.get("epoch", best["epochs_run"])))
-    final = {**final, **tracking.log_run_report(context.parent_run_id, final, manifest, model, kind="sweep", history_run_id=child_run_id)}
+    runs.log_test_results(final, manifest.to_json(), step=int(final.get("epoch", best["epochs_run"])))
+    final = {**final, **reports.log_run_report(context.parent_run_id, final, manifest, model, kind="sweep", history_run_id=child_run_id)}
     description = client.get_run(context.parent_run_id).data.tags.get("mlflow.note.content", "")
     client.set_tag(context.parent_run_id, "mlflow.note.content",
                    f"{description}\n\n{sweep_description(config, context.sweep_name, rows, best, child_run_id)}".strip())
     # the model version links to the child run: it shows the same pictures
-    tracking.log_run_report(child_run_id, final, manifest, model, kind="sweep trial")
+    reports.log_run_report(child_run_id, final, manifest, model, kind="sweep trial")
     console.enter("registration")
     version, decision = _register_best(config, context, manifest, best, child_run_id, client)
     best_config = config.trial_config({name: best[name] for name in config.swept()}, f"train-{best['trial_id']}", manifest.root.uri)
     client.set_model_version_tag(train.register_as, version, "sweep", context.sweep_name)
     client.set_model_version_tag(train.register_as, version, "best_epoch", str(final.get("best_epoch", best["epochs_run"])))
-    tracking.write_model_card(train.register_as, version, child_run_id, final, manifest, model, decision, asdict(best_config))
+    reports.write_model_card(train.register_as, version, child_run_id, final, manifest, model, decision, asdict(best_config))
     return version, decision
 
 
@@ -545,32 +548,32 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
     train = config.train
     console.enter("data")
     resolve(train.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
-    manifest = fine_tune.resolve_dataset(train)
+    manifest = job.resolve_dataset(train)
     check_batch_sizes(config, manifest.splits["train"].rows)
-    console.stage("data", fine_tune.describe_splits(manifest))
+    console.stage("data", job.describe_splits(manifest))
     console.enter("model")
     model_path = resolve_model_path(train.model)
     tokenizer = load_tokenizer(model_path)
     swept = config.swept()
     max_length = "swept" if "max_length" in swept else f"{train.max_length} tokens"
     truncation = "swept" if "truncation" in swept else train.truncation.replace("_", "+")
-    console.stage("model", f"{fine_tune.model_name(train.model, model_path)}: max length {max_length}, truncation {truncation}")
-    tracking_uri, artifact_root = tracking.configure(train.storage, train.tracking_uri)
-    experiment_id = tracking.ensure_experiment(train.experiment, artifact_root)
+    console.stage("model", f"{job.model_name(train.model, model_path)}: max length {max_length}, truncation {truncation}")
+    tracking_uri, artifact_root = store_uri.configure(train.storage, train.tracking_uri)
+    experiment_id = runs.ensure_experiment(train.experiment, artifact_root)
 
     console.enter("resources")
     runtime.init_ray(train.ray_address)
     # the settings that size a trial (workers, CPUs, GPUs) are the same in every trial
     probe = config.trial_config({}, "probe", manifest.root.uri)
     # the autoscaler request covers the whole sweep and is withdrawn when it ends
-    with runtime.requested_resources(probe):
+    with resources.requested_resources(probe):
         # trials tokenize in their own Ray Data pipelines, concurrently: plan as streaming
-        plan = runtime.plan_resources(probe, tokenized_up_front=False)
+        plan = resources.plan_resources(probe, tokenized_up_front=False)
         use_gpu, data_resources = plan.use_gpu, plan.data
         concurrency = plan_concurrency(config, use_gpu)
         threads = trial_threads(config, plan, concurrency)
         # each trial decides this itself (run_trial); the probe's answer is the usual one
-        cached = streaming.should_cache_tokenized(probe, manifest, runtime.alive_node_count(), runtime.object_store_bytes() / concurrency)
+        cached = feed.should_cache_tokenized(probe, manifest, runtime.alive_node_count(), runtime.object_store_bytes() / concurrency)
         per_trial = replace(plan, threads_per_worker=threads, tokenized_up_front=cached).describe(train.num_workers)
         console.stage("resources", f"{per_trial}; {concurrency} trial{'s' if concurrency > 1 else ''} at once")
         DataContext.get_current().enable_progress_bars = False
@@ -578,15 +581,15 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
         parent_run_id = _start_parent_run(config, sweep_name, experiment_id)
         try:
             if not config.resume:
-                mlflow.log_params(tracking.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
+                mlflow.log_params(runs.flat_params({**config.as_dict(), "max_concurrent_resolved": concurrency, "trials_planned": trials_planned(config)}))
                 grid_points = config.grid_points if config.search == "grid" else None
                 mlflow.log_dict(
                     {"space": {row.name: row.as_dict(grid_points) for row in config.dimensions()},
                      "search": config.search, "scheduler": config.scheduler, "seed": train.seed},
                     "search_space.json",
                 )
-                tracking.log_dataset_inputs(manifest)
-            mlflow.set_tags({**tracking.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
+                runs.log_dataset_inputs(manifest)
+            mlflow.set_tags({**runs.environment_tags(), "dataset_content_hash": manifest.content_hash, "sweep": sweep_name})
             context = SweepContext(
                 sweep=config, dataset_uri=manifest.root.uri, model_path=model_path,
                 pad_token_id=tokenizer.pad_token_id, train_rows=manifest.splits["train"].rows, tracking_uri=tracking_uri,
@@ -635,7 +638,7 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
 def _upload_log(run_id: str) -> None:
     """The console session's log file as the run's console.log (none outside a session)."""
     if console.active() and console.log_path() is not None:
-        tracking.upload_console_log(run_id, console.log_path())
+        run_log.upload_console_log(run_id, console.log_path())
 
 
 def _log_sweep_artifacts(rows: list[dict], config: SweepConfig) -> None:
@@ -667,7 +670,7 @@ def print_summary(outcome: SweepOutcome, config: SweepConfig) -> None:
     if outcome.registered_version:
         verdict = "promoted to @champion" if outcome.gate and outcome.gate.promote else "not promoted; @champion unchanged"
         lines.append(f"registered: models:/{config.train.register_as}/{outcome.registered_version} ({verdict}: {outcome.gate.reason if outcome.gate else ''})")
-    lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.train.experiment!r}); UI: {tracking.ui_command(outcome.tracking_uri)}")
+    lines.append(f"MLflow parent run: {outcome.parent_run_id} (experiment {config.train.experiment!r}); UI: {store_uri.ui_command(outcome.tracking_uri)}")
     for line in lines:
         console.say(line)
     log.debug("trials: %s", json.dumps(outcome.trials, default=str))

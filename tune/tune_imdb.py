@@ -18,9 +18,9 @@ import argparse
 import dataclasses
 import sys
 
-from pipelines import cli, console
-from pipelines.config import TrainConfig
-from pipelines.errors import ConfigError
+from pipelines.core import cli, console
+from pipelines.core.errors import ConfigError
+from pipelines.training.settings import TrainConfig
 from tune.settings import SweepConfig, flag, space_rows
 
 

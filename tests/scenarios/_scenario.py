@@ -51,9 +51,9 @@ def build_tiny_model(folder: Path) -> str:
 
 def prepare_sample(storage: Path, train_per_label: int = 150, test_per_label: int = 50):
     """A small sample corpus through the real prepare path; returns the manifest."""
-    from pipelines.config import PrepareConfig
-    from pipelines.prepare import prepare_dataset
-    from pipelines.sample_corpus import write_sample_corpus
+    from pipelines.data.prepare import prepare_dataset
+    from pipelines.data.sample_corpus import write_sample_corpus
+    from pipelines.data.settings import PrepareConfig
 
     raw = write_sample_corpus(storage / "raw", train_per_label=train_per_label, test_per_label=test_per_label, seed=3)
     config = PrepareConfig(source=str(raw), storage=str(storage), rows_per_shard=64, progress=False)
@@ -68,7 +68,7 @@ def start_cluster(head_cpus: int, worker_cpus: list[int]):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.ports import free_port
+    from pipelines.core.ports import free_port
 
     # fixed ports would collide with other Ray clusters on this machine (tests run in parallel)
     cluster = Cluster(
@@ -82,7 +82,7 @@ def start_cluster(head_cpus: int, worker_cpus: list[int]):
     )
     workers = [cluster.add_node(num_cpus=cpus, object_store_memory=200 * 1024**2) for cpus in worker_cpus]
     cluster.wait_for_nodes()
-    from pipelines.runtime import worker_env
+    from pipelines.cluster.worker_env import worker_env
 
     # Ray's State API (Ray Train's placement-group cleaner uses it inside the cluster) finds
     # "the latest cluster on this machine" unless RAY_ADDRESS names one: other Ray clusters

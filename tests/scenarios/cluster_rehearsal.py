@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _scenario  # noqa: E402  (the scenario folder is not a package)
-from pipelines.ports import free_port  # noqa: E402
-from pipelines.sample_corpus import write_sample_corpus  # noqa: E402
+
+from pipelines.core.ports import free_port
+from pipelines.data.sample_corpus import write_sample_corpus
 from tests.services import MlflowServer, PostgresServer, S3Server  # noqa: E402
 
 BUCKET = "platform"

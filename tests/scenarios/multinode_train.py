@@ -34,7 +34,7 @@ MODEL_NAME = "tiny-multinode"
 
 
 def train_config(manifest, storage: Path, model_dir: str, **overrides):
-    from pipelines.config import TrainConfig
+    from pipelines.training.settings import TrainConfig
 
     settings = dict(
         data=manifest.root.uri,
@@ -86,7 +86,7 @@ class NodeKiller(threading.Thread):
         try:
             from mlflow.tracking import MlflowClient
 
-            from pipelines.tracking import local_store
+            from pipelines.tracking.store_uri import local_store
 
             started = time.monotonic()
             marker = self.storage / "ray_results" / self.run_name / "mlflow_run_id"
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines.fine_tune import run_training
+    from pipelines.training.job import run_training
 
     worker_cpus = [2, 2] if args.mode == "spread" else [2, 2, 2]  # node-loss: one spare
     cluster, head, workers = _scenario.start_cluster(head_cpus=1, worker_cpus=worker_cpus)

@@ -50,11 +50,11 @@ def register_tiny_model(storage: Path, model_dir: str) -> str:
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipelines import tracking
-    from pipelines.tracking import model_requirements
+    from pipelines.tracking import runs, store_uri
+    from pipelines.tracking.registration import model_requirements
 
-    tracking_uri, artifact_root = tracking.configure(str(storage))
-    experiment_id = tracking.ensure_experiment("serve-replica-kill", artifact_root)
+    tracking_uri, artifact_root = store_uri.configure(str(storage))
+    experiment_id = runs.ensure_experiment("serve-replica-kill", artifact_root)
     with mlflow.start_run(experiment_id=experiment_id):
         mlflow.log_params({"max_length": 64, "truncation": "head_tail"})
         mlflow.transformers.log_model(
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipelines.ports import free_port
-    from pipelines.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray
+    from pipelines.core.ports import free_port
     from serve.app import build_app
     from serve.settings import ModelSource, ServingConfig
 

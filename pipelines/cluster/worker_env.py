@@ -1,0 +1,42 @@
+"""The environment every Ray worker gets: tokenizer threads off, offline hub flags and object-store endpoints passed through, never credentials."""
+
+from __future__ import annotations
+
+import os
+
+# Passed to every Ray worker: Rust tokenizers would otherwise start a thread pool
+# per actor and oversubscribe the CPUs that Ray already divides between actors.
+# Ray Train's print patch logs every print of a worker and prints it as well: each line
+# reached the driver twice.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+# Passed through when set on the driver, so offline runs stay offline on workers.
+PASSTHROUGH_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "MLFLOW_TRACKING_URI",
+    "PLATFORM_STORAGE",
+    "PLATFORM_FAIL_AT_EPOCH",  # fault-injection switch used by the tests
+    # where the object store is; never the credentials: a runtime environment is shown
+    # in the dashboard, and every node has its own (instance profile, env, secret)
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+
+
+def worker_env() -> dict[str, str]:
+    from pipelines.core.tracking_env import users_tracking_uri
+
+    env = dict(WORKER_ENV)
+    env.update({name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ})
+    if not users_tracking_uri():
+        # only MLflow's export for an earlier run in this process: workers would take it
+        # for the user's store in every later run (pipelines.tracking.runs)
+        env.pop("MLFLOW_TRACKING_URI", None)
+    return env

@@ -1,0 +1,1 @@
+"""What the model reads and is: text cleaning, tokenization with head+tail truncation, and the Hugging Face classifier. Training, the registered model, batch prediction and Serve all use these, so they see the same inputs."""
