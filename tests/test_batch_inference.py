@@ -66,6 +66,19 @@ def test_registration_scores_the_variants_as_version_tags(registered):
     assert tags["backend.default"] in ("torch", "onnx", "onnx-int8") and tags[f"backend.{tags['backend.default']}.usable"] == "true"
 
 
+@pytest.mark.timeout(300)
+def test_the_registered_model_carries_the_whole_pipelines_package(registered):
+    """`mlflow models serve` and a pyfunc load elsewhere need no checkout: every layer the
+    preprocessing and the backends import travels in the model's code folder."""
+    uri, version = registered
+    mlflow.set_registry_uri(uri)
+    code = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}/{version}", tracking_uri=uri)) / "code"
+    carried = {p.relative_to(code).as_posix() for p in code.rglob("*.py")}
+    for module in ("pipelines/inference/pyfunc_model.py", "pipelines/inference/classifier.py",
+                   "pipelines/text/tokenization.py", "pipelines/text/cleaning.py", "pipelines/core/errors.py"):
+        assert module in carried, f"{module} is not in the registered model's code ({sorted(carried)[:8]}...)"
+
+
 @pytest.mark.timeout(900)
 def test_pyfunc_batch_prediction_and_the_classifier_give_the_same_labels(registered, review_texts, tmp_path, ray_session):
     from pipelines.inference import batch_prediction

@@ -1,4 +1,4 @@
-"""The Ray Train callback that logs each epoch's report into the run: the only module of the platform below the entry points that imports ray.train."""
+"""The Ray Train callback that logs each epoch's report into the run: tracking's only ray.train import (Serve never loads it)."""
 
 from __future__ import annotations
 

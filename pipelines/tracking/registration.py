@@ -42,7 +42,7 @@ def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, e
             python_model=pyfunc_model.SentimentModel(),
             artifacts={pyfunc_model.MODEL_ARTIFACT: str(folder)},
             # the preprocessing's code goes with the model: `mlflow models serve` needs no checkout
-            code_paths=[str(Path(__file__).parent)],
+            code_paths=[str(Path(__file__).parents[1])],  # the whole pipelines package
             signature=signature,
             input_example=INPUT_EXAMPLE,
             registered_model_name=register_as,
