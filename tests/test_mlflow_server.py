@@ -1,10 +1,11 @@
 """The MLflow tracking server over the store a training run writes, through its REST API.
 
 A run and a registered version are made with MLflow's client in the same SQLite store and
-artifact folder that `pipelines.tracking.runs` gives a local training run (training itself is
-tested elsewhere; here it would only cost minutes). Then:
-- `mlflow server` as the README shows it finds the run, its metric history, the registered
-  model and the `champion` alias over HTTP, and serves the UI;
+artifact folder that `pipelines.tracking.store_uri` gives a local training run (training itself
+is tested elsewhere; here it would only cost minutes). Then:
+- `mlflow server` as docs/commands.md shows it for a local run ("The MLflow UI of a local
+  run") finds the run, its metric history, the registered model and the `champion` alias
+  over HTTP, and serves the UI;
 - `platform/mlflow/start_mlflow_server.sh --daemon`, the way cluster.yaml starts it on the
   head, takes its settings from the environment, proxies artifacts from a client that has
   no access to the artifact folder, and `--stop` stops it;
@@ -104,7 +105,7 @@ def test_mlflow_server_shows_the_training_run_and_the_registered_version(store, 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
-    # the README's command for a local run, plus the artifact root training uses
+    # docs/commands.md's command for a local run, plus the artifact root training uses
     command = [
         str(BIN / "mlflow"), "server",
         "--backend-store-uri", store["tracking_uri"],
