@@ -64,8 +64,7 @@ HEAD_CPUS = 1  # the data pipeline's tasks and the Serve replicas' spare room
 COMMAND_TIMEOUT_S = 600
 # the dataset `train_imdb --data sample` trains on: prepared here first, so training finds it.
 # A synthetic corpus smaller than `--source sample`'s (as tests/conftest.py's): training is
-# capped at a few steps anyway, and each registration scores every backend on the whole
-# test split with the bundled MiniLM (1000 reviews: about a minute a registration on 2 cores)
+# capped at a few steps anyway, and each registration scores every backend on the whole test split
 CORPUS_PER_LABEL = {"train_per_label": 300, "test_per_label": 100}
 
 
@@ -154,14 +153,15 @@ class RayNode:
         self.kill()
 
 
-SWEEP_ARGS = ["-m", "tune.tune_imdb", "--data", "sample", "--storage", STORAGE, "--sweep-name", "rehearsal-sweep",
-              "--num-samples", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "64", "--batch-sizes", "8",
-              "--scheduler", "fifo", "--num-workers", "1", "--cpus-per-worker", "1", "--use-gpu", "no", "--promote", "never"]
+def sweep_args(model: str) -> list[str]:
+    return ["-m", "tune.tune_imdb", "--data", "sample", "--storage", STORAGE, "--sweep-name", "rehearsal-sweep", "--model", model,
+            "--num-samples", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "64", "--batch-sizes", "8",
+            "--scheduler", "fifo", "--num-workers", "1", "--cpus-per-worker", "1", "--use-gpu", "no", "--promote", "never"]
 
 
-def train_args(epochs: int) -> list[str]:
+def train_args(epochs: int, model: str) -> list[str]:
     """Two workers of 1 CPU: a worker node holds both; a few steps per epoch keep it short."""
-    return ["-m", "pipelines.train_imdb", "--data", "sample", "--storage", STORAGE, "--run-name", RUN_NAME,
+    return ["-m", "pipelines.train_imdb", "--data", "sample", "--storage", STORAGE, "--run-name", RUN_NAME, "--model", model,
             "--num-workers", "2", "--cpus-per-worker", "1", "--use-gpu", "no", "--epochs", str(epochs),
             "--max-steps-per-epoch", "4", "--max-length", "64", "--batch-size", "8", "--eval-batch-size", "64",
             "--max-failures", "2", "--promote", "auto"]
@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(exist_ok=True)
 
         corpus = write_sample_corpus(head.folder / "corpus", seed=1, **CORPUS_PER_LABEL)
+        # the model every node reads at the same path, as from the container image: the tests'
+        # tiny BERT (the bundled MiniLM goes the same way, at minutes per registration on 2 cores)
+        model = _scenario.build_tiny_model(root / "image" / "tiny-bert")
         step = time.monotonic()
         out = run_command(prepare_args(corpus), driver_env, head.folder, logs / "prepare-1.log")
         timings["prepare_s"] = round(time.monotonic() - step, 1)
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         killer = NodeKiller(nodes, gcs_address, mlflow_server.uri)
         killer.start()
         step = time.monotonic()
-        out = run_command(train_args(epochs=2), driver_env, head.folder, logs / "train.log")
+        out = run_command(train_args(epochs=2, model=model), driver_env, head.folder, logs / "train.log")
         timings["train_s"] = round(time.monotonic() - step, 1)
         killer.join(timeout=10)
         check(killer.error is None and killer.killed is not None, f"a worker node was killed mid-run ({killer.killed}): {killer.error or 'ok'}")
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         # the same run continued from another machine: everything it needs is in the bucket and MLflow
         step = time.monotonic()
         other = nodes["worker-1"]
-        out = run_command(train_args(epochs=3) + ["--resume"], {**other.env(), "RAY_ADDRESS": gcs_address}, other.folder, logs / "train-resume.log")
+        out = run_command(train_args(epochs=3, model=model) + ["--resume"], {**other.env(), "RAY_ADDRESS": gcs_address}, other.folder, logs / "train-resume.log")
         timings["resume_s"] = round(time.monotonic() - step, 1)
         check("resuming from the checkpoint of epoch 2" in out, "--resume on another machine continued from epoch 2's checkpoint in S3")
         result["checkpoint_store_s"].update(checkpoint_times(out))
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # a sweep on the same cluster: trials are Train jobs, every one an MLflow run in PostgreSQL
         step = time.monotonic()
-        run_command(SWEEP_ARGS, driver_env, head.folder, logs / "sweep.log")
+        run_command(sweep_args(model), driver_env, head.folder, logs / "sweep.log")
         timings["sweep_s"] = round(time.monotonic() - step, 1)
         sweep_runs = postgres.query(
             "SELECT r.status, EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId') "
