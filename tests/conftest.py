@@ -60,3 +60,19 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from tests.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+# `make test-fast` (-m "not slow") is the edit loop: it leaves out every test that starts Ray,
+# a server (S3, PostgreSQL, MLflow, Serve) or a training run, found from the fixtures it uses.
+HEAVY_FIXTURES = frozenset({
+    "ray_session",  # everything on Ray: training, sweeps, Serve, batch prediction
+    "s3",  # tests/test_object_storage.py: moto's S3 server
+    "store", "cluster_tracking",  # tests/test_mlflow_server.py: PostgreSQL and the MLflow server
+    "registry", "registered",  # a model logged to MLflow (tests/test_serve.py, tests/test_batch_inference.py)
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -67,6 +67,27 @@ def test_registration_scores_the_variants_as_version_tags(registered):
 
 
 @pytest.mark.timeout(300)
+def test_without_onnx_variants_only_torch_is_registered_and_the_others_are_refused_in_one_line(registered, sample_manifest, tiny_model_dir):
+    from pipelines.inference.variants import choose_backend
+
+    uri, _ = registered
+    name = "batch-test-torch-only"
+    with mlflow.start_run(experiment_id=runs.ensure_experiment("batch-test", None)):
+        info = registration.register_model(tiny_model_dir, tiny_model_dir, name, sample_manifest, MAX_LENGTH, "head_tail", onnx_variants=False)
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version(name, str(info.registered_model_version)).tags
+    assert tags["backend.default"] == "torch" and tags["backend.torch.usable"] == "true"
+    assert not [key for key in tags if key.startswith(("backend.onnx.", "backend.onnx-int8."))]
+    assert choose_backend("auto", tags, name) == "torch"
+    for backend in ("onnx", "onnx-int8"):
+        with pytest.raises(ConfigError, match="--no-onnx-variants"):
+            choose_backend(backend, tags, name)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{info.registered_model_version}")
+    assert len(model.predict(["a fine film"])) == 1
+    with pytest.raises(ConfigError, match="not in the model folder"):
+        model.predict(["a fine film"], params={"backend": "onnx"})
+
+
+@pytest.mark.timeout(300)
 def test_the_registered_model_carries_the_whole_pipelines_package(registered):
     """`mlflow models serve` and a pyfunc load elsewhere need no checkout: every layer the
     preprocessing and the backends import travels in the model's code folder."""

@@ -48,12 +48,21 @@ def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
-    """One real training run shared by the assertions below (it is the slow part)."""
+    """One real training run shared by the assertions below (it is the slow part).
+
+    A worker crashes at the start of epoch 2 (injected); Ray Train restarts the worker group
+    and it resumes from epoch 1's checkpoint, so every assertion below also holds across a
+    restart. The lazy pipeline (read + tokenize every epoch) runs under the restart; other
+    runs cache the token ids.
+    """
     from pipelines.training.job import run_training
 
     storage = tmp_path_factory.mktemp("train-storage")
-    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2)
-    return config, run_training(config)
+    marker = storage / "fault-injected"
+    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, cache_tokenized="no")
+    outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
+    assert marker.exists(), "the failure was never injected"
+    return config, outcome
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +81,7 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
         data=sample_manifest.root.uri, model=None, epochs=2, batch_size=16,
         max_length=64, lr=2e-4, storage=str(tmp_path_factory.mktemp("minilm-storage")),
         register_as="minilm-imdb", experiment="tests-e2e", max_failures=0,
+        onnx_variants=False,  # learning is what is tested here; first_run registers the variants
     )
     return config, run_training(config)
 
@@ -80,7 +90,7 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_bundled_minilm_learns_end_to_end(minilm_run, sample_manifest):
     config, outcome = minilm_run
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     losses = client.get_metric_history(outcome.run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2]
     assert losses[1].value < losses[0].value, "training loss must fall from epoch 1 to epoch 2"
@@ -92,7 +102,7 @@ def test_bundled_minilm_learns_end_to_end(minilm_run, sample_manifest):
 @pytest.mark.timeout(600)
 def test_training_reports_every_epoch_and_counts_every_row(first_run, sample_manifest):
     config, outcome = first_run
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2]
     # every test and val row evaluated exactly once
     assert outcome.metrics["test/rows"] == sample_manifest.splits["test"].rows
@@ -108,7 +118,7 @@ def test_training_reports_every_epoch_and_counts_every_row(first_run, sample_man
 @pytest.mark.timeout(600)
 def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
     config, outcome = first_run
-    run = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id)
+    run = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == str(config.lr)
     assert run.data.params["batch_size"] == str(config.batch_size)
@@ -118,7 +128,7 @@ def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
     for tag in ("git_commit", "ray_version", "torch_version", "transformers_version"):
         assert tags[tag]
     assert run.data.metrics["test/accuracy"] == pytest.approx(outcome.metrics["test/accuracy"])
-    artifacts = {a.path for a in MlflowClient(outcome.tracking_uri).list_artifacts(outcome.run_id)}
+    artifacts = {a.path for a in MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri).list_artifacts(outcome.run_id)}
     assert {"confusion_matrix.json", "console.log", "dataset_manifest.json"} <= artifacts
     confusion = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="confusion_matrix.json", tracking_uri=outcome.tracking_uri)).read_text())
     assert sum(sum(row) for row in confusion["matrix"]) == outcome.metrics["test/rows"]
@@ -128,7 +138,7 @@ def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
 def test_model_is_registered_promoted_and_loadable(first_run):
     config, outcome = first_run
     mlflow.set_tracking_uri(outcome.tracking_uri)
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     champion = client.get_model_version_by_alias(config.register_as, registry.CHAMPION)
     assert str(champion.version) == outcome.registered_version
     assert champion.tags["gate.decision"] == "promoted"
@@ -141,19 +151,28 @@ def test_model_is_registered_promoted_and_loadable(first_run):
     assert answers[["probability_negative", "probability_positive"]].sum(axis=1).round(5).eq(1.0).all()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_gate_keeps_the_better_champion(minilm_run, sample_manifest, tiny_model_dir):
-    """A nearly untrained model arrives after a good one: registered, but not promoted."""
+@pytest.fixture(scope="module")
+def stopped_early_after_minilm(minilm_run, sample_manifest, tiny_model_dir):
+    """A learning rate too small to change a prediction, patience 1, registered under the MiniLM's
+    name: early stopping must end it at epoch 2, and the gate must keep the MiniLM champion."""
     from pipelines.training.job import run_training
 
+    champion_config, _ = minilm_run
+    config = tiny_config(sample_manifest, champion_config.storage, tiny_model_dir, epochs=4, lr=1e-9, max_steps_per_epoch=2,
+                         early_stopping_patience=1, register_as=champion_config.register_as, experiment=champion_config.experiment,
+                         onnx_variants=False)
+    return config, run_training(config)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gate_keeps_the_better_champion(minilm_run, stopped_early_after_minilm):
+    """A nearly untrained model arrives after a good one: registered, but not promoted."""
     config, champion_run = minilm_run
-    worse = run_training(
-        tiny_config(sample_manifest, config.storage, tiny_model_dir, epochs=1, lr=1e-7, max_steps_per_epoch=1,
-                    register_as=config.register_as, experiment=config.experiment)
-    )
+    _, worse = stopped_early_after_minilm
     assert worse.metrics["test/accuracy"] < champion_run.metrics["test/accuracy"]
-    client = MlflowClient(champion_run.tracking_uri)
+    # the registry named too: another test's run may have pointed MLflow's process-wide registry elsewhere
+    client = MlflowClient(champion_run.tracking_uri, registry_uri=champion_run.tracking_uri)
     assert worse.registered_version != champion_run.registered_version
     champion = client.get_model_version_by_alias(config.register_as, registry.CHAMPION)
     assert str(champion.version) == champion_run.registered_version
@@ -164,17 +183,11 @@ def test_gate_keeps_the_better_champion(minilm_run, sample_manifest, tiny_model_
 
 
 @pytest.mark.timeout(600)
-def test_worker_failure_resumes_from_checkpoint(ray_session, sample_manifest, tmp_path, tiny_model_dir):
-    """A worker crashes at the start of epoch 2; Ray restarts it, and it resumes from epoch 1's checkpoint."""
-    from pipelines.training.job import run_training
-
-    marker = tmp_path / "fault-injected"
-    # the lazy pipeline (read + tokenize every epoch) under a restart; other runs cache the token ids
-    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=2, register_as="fault-imdb", cache_tokenized="no")
-    outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
-    assert marker.exists(), "the failure was never injected"
+def test_worker_failure_resumes_from_checkpoint(first_run):
+    """The worker that crashed at the start of epoch 2 was restarted from epoch 1's checkpoint."""
+    config, outcome = first_run
     assert outcome.metrics["epochs_trained"] == "1,2", "every epoch trained exactly once"
-    steps = [m.step for m in MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, "train/loss")]
+    steps = [m.step for m in MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri).get_metric_history(outcome.run_id, "train/loss")]
     assert steps == [1, 2]
     assert outcome.registered_version is not None
 
@@ -316,27 +329,25 @@ def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path,
     for difference in ("--lr 0.003 -> 0.0001", "--batch-size 8 -> 16", "--max-length 64 -> 32"):
         assert difference in str(refused.value)
     # raising --epochs is allowed: the run goes on for one more epoch
-    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=3, run_name="resume-me", resume=True, register_as="resume-imdb"))
+    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=3, run_name="resume-me", resume=True,
+                                       register_as="resume-imdb", onnx_variants=False))
     assert resumed.metrics["epochs_trained"] == "1,2,3"
-    client = MlflowClient(resumed.tracking_uri)
+    client = MlflowClient(resumed.tracking_uri, registry_uri=resumed.tracking_uri)
     assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2, 3]
     run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_with_epochs"] == "3"
 
 
-@pytest.mark.timeout(600)
-def test_early_stopping_registers_the_best_epoch(ray_session, sample_manifest, tmp_path, tiny_model_dir):
-    """A learning rate too small to change a prediction: epoch 2 is no better, patience 1 stops there."""
-    from pipelines.training.job import run_training
-
-    config = tiny_config(sample_manifest, tmp_path / "storage", tiny_model_dir, epochs=4, lr=1e-9, max_steps_per_epoch=2,
-                         early_stopping_patience=1, register_as="early-imdb")
-    outcome = run_training(config)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_early_stopping_registers_the_best_epoch(stopped_early_after_minilm, sample_manifest):
+    """Epoch 2 is no better than epoch 1 (lr 1e-9), so patience 1 stops there and epoch 1 is registered."""
+    config, outcome = stopped_early_after_minilm
     assert outcome.metrics["epochs_trained"] == "1,2", "training went on past the patience"
     assert outcome.metrics["stopped_early"] == 1 and outcome.metrics["best_epoch"] == 1
     assert outcome.metrics["test/rows"] == sample_manifest.splits["test"].rows, "the test split was not evaluated"
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     assert client.get_model_version(config.register_as, outcome.registered_version).tags["best_epoch"] == "1"
     assert client.get_run(outcome.run_id).data.tags["best_epoch"] == "1"
 

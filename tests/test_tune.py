@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_sweep(manifest, storage, model) -> SweepConfig:
     return SweepConfig(
-        num_samples=4,
+        num_samples=3,
         max_concurrent=1,  # one trial (1 CPU worker + data) fits 2 CPUs
         scheduler="asha",
         metric="val/loss",  # continuous: a tiny model's accuracy ties at 0.5 early on
@@ -43,7 +43,7 @@ def tiny_sweep(manifest, storage, model) -> SweepConfig:
         train=TrainConfig(
             data=manifest.root.uri,
             model=model,
-            epochs=3,
+            epochs=2,  # ASHA's one rung at epoch 1 (grace 1): a trial goes on to 2 or stops
             batch_size=8,
             max_length=64,
             group_by_length=False,  # see tests/test_training.py: tiny random BERTs learn unreliably with it
@@ -51,6 +51,7 @@ def tiny_sweep(manifest, storage, model) -> SweepConfig:
             experiment="sweep-tests",
             register_as="tiny-sweep",
             seed=3,
+            onnx_variants=False,  # registration's variants are tested in tests/test_batch_inference.py
         ),
     )
 
@@ -66,7 +67,7 @@ def sweep_outcome(ray_session, sample_manifest, tiny_model_dir, tmp_path_factory
 @pytest.mark.timeout(1200)
 def test_every_trial_is_an_mlflow_child_run(sweep_outcome):
     config, outcome = sweep_outcome
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'"
@@ -99,7 +100,7 @@ def test_asha_stops_poor_trials_early(sweep_outcome):
 @pytest.mark.timeout(1200)
 def test_best_trial_is_registered_and_gated(sweep_outcome):
     config, outcome = sweep_outcome
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     best = outcome.best
     assert best["status"] == "completed"
     finished = [row for row in outcome.trials if row["status"] == "completed"]
@@ -116,7 +117,7 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
 def test_parent_run_reads_like_a_training_run(sweep_outcome):
     """The sweep's run shows the best trial's data, pictures and scores; its version has a model card."""
     config, outcome = sweep_outcome
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     description = parent.data.tags["mlflow.note.content"]
     assert description.startswith("**Sweep**") and outcome.sweep_name in description
@@ -184,7 +185,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
         sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir, "--tracking-uri", tracking_uri,
         "--num-samples", "2", "--max-concurrent", "1", "--epochs", "2", "--scheduler", "fifo", "--metric", "val/loss",
         "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
-        "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests",
+        "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests", "--no-onnx-variants",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
     console_out = tmp_path / "console.txt"
@@ -215,14 +216,14 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
         sweep_name="resume-me", resume=True,
         train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=2, batch_size=8, max_length=64,
                           group_by_length=False, storage=str(storage), tracking_uri=tracking_uri, register_as="resume-sweep",
-                          experiment="sweep-tests"),
+                          experiment="sweep-tests", onnx_variants=False),
     )
     outcome = run_sweep(config)
     assert outcome.parent_run_id == parent_before
     assert len(outcome.trials) == 2
     assert all(row["status"] == "completed" for row in outcome.trials), outcome.trials
     assert outcome.registered_version is not None
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     for row in outcome.trials:
         assert 0 <= row["warmup_ratio"] <= 0.1
         child = client.search_runs(

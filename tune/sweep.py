@@ -470,7 +470,8 @@ def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifes
         mlflow.log_metric("test/accuracy", best["test_accuracy"], step=best["epochs_run"])
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-            model_info = registration.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length, trained.truncation)
+            model_info = registration.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length,
+                                                    trained.truncation, trained.onnx_variants)
     version = str(model_info.registered_model_version)
     decision = registry.apply_gate(client, register_as, version, config.train.promote, float(best["test_accuracy"]), manifest.content_hash)
     return version, decision

@@ -214,4 +214,8 @@ def load_classifier_from(folder: str | Path, backend: str = "torch", threads: in
         if threads:
             torch.set_num_threads(threads)
         return Classifier(encoder, TorchBackend(load_classifier(str(folder / "hf")), device), settings.labels)
+    if not (folder / ONNX_FILE[backend]).exists():
+        from pipelines.core.errors import ConfigError
+
+        raise ConfigError(f"backend {backend} is not in the model folder {folder}: it was registered with --no-onnx-variants (torch only)")
     return Classifier(encoder, OnnxBackend(folder / ONNX_FILE[backend], backend, threads), settings.labels)

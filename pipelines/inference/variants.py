@@ -55,8 +55,8 @@ class VariantScore:
         }
 
 
-def build_model_folder(model_dir: str, tokenizer_path: str, settings: InferenceSettings, folder: Path) -> Path:
-    """Write hf/, inference.json, model.onnx and model.int8.onnx into `folder`."""
+def build_model_folder(model_dir: str, tokenizer_path: str, settings: InferenceSettings, folder: Path, onnx: bool = True) -> Path:
+    """Write hf/, inference.json and (with `onnx`) model.onnx and model.int8.onnx into `folder`."""
     from pipelines.text.model import load_classifier
     from pipelines.text.tokenization import load_tokenizer
 
@@ -65,9 +65,15 @@ def build_model_folder(model_dir: str, tokenizer_path: str, settings: InferenceS
     model.save_pretrained(folder / "hf", safe_serialization=True)
     tokenizer.save_pretrained(folder / "hf")
     settings.save(folder)
-    onnx_path = export_onnx(model, tokenizer, folder / ONNX_FILE["onnx"])
-    quantize_int8(onnx_path, folder / ONNX_FILE["onnx-int8"])
+    if onnx:
+        onnx_path = export_onnx(model, tokenizer, folder / ONNX_FILE["onnx"])
+        quantize_int8(onnx_path, folder / ONNX_FILE["onnx-int8"])
     return folder
+
+
+def built_backends(folder: Path) -> tuple[str, ...]:
+    """The backends a model folder holds: torch always, each ONNX variant whose file is there."""
+    return tuple(b for b in BACKENDS if b == "torch" or (Path(folder) / ONNX_FILE[b]).exists())
 
 
 def evaluation_sample(texts: list[str], labels: list[int], max_rows: int = MAX_EVAL_ROWS, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -87,7 +93,8 @@ def evaluation_sample(texts: list[str], labels: list[int], max_rows: int = MAX_E
 def score_variants(folder: Path, texts: list[str], labels: list[int], threads: int | None = None) -> list[VariantScore]:
     """Each backend's accuracy, agreement with torch and texts/s on the same texts, in batches of 32."""
     predictions, speeds = {}, {}
-    for backend in BACKENDS:
+    backends = built_backends(folder)
+    for backend in backends:
         classifier = load_classifier_from(folder, backend, threads=threads)
         classifier.probabilities(texts[:2])  # warm-up: allocator, kernel choice
         start, labels_out = time.perf_counter(), []
@@ -100,7 +107,7 @@ def score_variants(folder: Path, texts: list[str], labels: list[int], threads: i
     truth = np.asarray(labels)
     torch_accuracy = float((predictions["torch"] == truth).mean()) if len(truth) else float("nan")
     scores = []
-    for backend in BACKENDS:
+    for backend in backends:
         accuracy = float((predictions[backend] == truth).mean()) if len(truth) else float("nan")
         agreement = float((predictions[backend] == predictions["torch"]).mean()) if len(truth) else float("nan")
         usable = backend == "torch" or (len(truth) > 0 and accuracy >= torch_accuracy - MAX_ACCURACY_DROP - 1e-12)
@@ -133,6 +140,8 @@ def choose_backend(requested: str, tags: dict, what: str) -> str:
         raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
     if requested == "auto":
         return tags.get("backend.default", "torch")
+    if "backend.default" in tags and f"backend.{requested}.usable" not in tags:
+        raise ConfigError(f"backend {requested} is not in {what}: it was registered with --no-onnx-variants (torch only)")
     if tags.get(f"backend.{requested}.usable") == "false":
         raise ConfigError(
             f"backend {requested} of {what} is marked unusable: accuracy {tags.get(f'backend.{requested}.accuracy')} "

@@ -11,7 +11,8 @@ from pipelines.core import console
 INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
 
 
-def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, eval_texts: list[str], eval_labels: list[int]):
+def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, eval_texts: list[str], eval_labels: list[int],
+              onnx_variants: bool = True):
     """The model in `model_dir` as a pyfunc that carries its preprocessing and its ONNX/int8
     variants (pipelines.inference.variants), each scored on `eval_texts`; registered, scores as version tags.
 
@@ -26,7 +27,7 @@ def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, e
     from pipelines.inference import pyfunc_model, variants
 
     with tempfile.TemporaryDirectory(prefix="register-") as scratch:
-        folder = variants.build_model_folder(model_dir, tokenizer_path, settings, Path(scratch) / pyfunc_model.MODEL_ARTIFACT)
+        folder = variants.build_model_folder(model_dir, tokenizer_path, settings, Path(scratch) / pyfunc_model.MODEL_ARTIFACT, onnx=onnx_variants)
         texts, labels = variants.evaluation_sample(eval_texts, eval_labels)
         scores = variants.score_variants(folder, texts, labels)
         variants.save_scores(folder, scores)
@@ -58,7 +59,8 @@ def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, e
     return info, scores
 
 
-def register_model(model_dir: str, tokenizer_path: str, register_as: str, manifest, max_length: int, truncation: str):
+def register_model(model_dir: str, tokenizer_path: str, register_as: str, manifest, max_length: int, truncation: str,
+                   onnx_variants: bool = True):
     """log_model with the run's preprocessing, scored on the dataset's test split; says so on the console."""
     from pipelines.data.datasets import read_split_table
     from pipelines.inference.classifier import InferenceSettings
@@ -66,10 +68,11 @@ def register_model(model_dir: str, tokenizer_path: str, register_as: str, manife
 
     test = read_split_table(manifest, "test")
     # minutes on a CPU (export, quantization, three passes over the test sample): say what runs
-    console.stage("registration", f"ONNX export and int8 quantization, then torch, onnx and onnx-int8 each scored on "
-                                  f"{min(test.num_rows, MAX_EVAL_ROWS)} test reviews")
+    rows = min(test.num_rows, MAX_EVAL_ROWS)
+    console.stage("registration", f"ONNX export and int8 quantization, then torch, onnx and onnx-int8 each scored on {rows} test reviews"
+                  if onnx_variants else f"torch alone (--no-onnx-variants), scored on {rows} test reviews")
     info, scores = log_model(model_dir, tokenizer_path, register_as, InferenceSettings(max_length, truncation),
-                             test.column("text").to_pylist(), test.column("label").to_pylist())
+                             test.column("text").to_pylist(), test.column("label").to_pylist(), onnx_variants)
     console.stage("registration", "backends on {} test reviews: {}".format(scores[0].rows, "; ".join(
         f"{s.backend} accuracy {s.accuracy:.4f}, agreement {s.agreement:.3f}, {s.texts_per_s:.0f}/s{'' if s.usable else ' (unusable)'}" for s in scores)))
     return info

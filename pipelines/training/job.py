@@ -267,7 +267,8 @@ def _record_and_register(config, manifest, model_path, run_name, run_id, trackin
     best_epoch = int(final.get("best_epoch", final.get("epoch", config.epochs)))
     mlflow.set_tags({"best_epoch": str(best_epoch), "stopped_early": str(bool(final.get("stopped_early")))})
     with result.checkpoint.as_directory() as checkpoint_dir:
-        model_info = registration.register_model(str(best_model_folder(checkpoint_dir)), model_path, config.register_as, manifest, config.max_length, config.truncation)
+        model_info = registration.register_model(str(best_model_folder(checkpoint_dir)), model_path, config.register_as, manifest, config.max_length,
+                                                config.truncation, config.onnx_variants)
     version = str(model_info.registered_model_version) if model_info.registered_model_version else None
     console.enter("registration")
     decision = None

@@ -29,6 +29,10 @@
 #   MLFLOW_BIN                the mlflow executable (default: `mlflow` on PATH)
 #   MLFLOW_PYTHON             the python of mlflow's environment, for the checks below
 #                             (default: `python` beside MLFLOW_BIN, else python3)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+#                             MLflow's job runner for GenAI scorer jobs (default false here:
+#                             this platform runs none, and the runner forks 8 more Python
+#                             processes, about 1.5 GB, and a folder in /dev/shm, on the head)
 #
 # Before starting, a postgresql:// backend store must accept a connection and an s3:// artifact
 # root (when proxied) must be a reachable bucket (endpoint from MLFLOW_S3_ENDPOINT_URL or
@@ -46,6 +50,7 @@ MLFLOW_BIN="${MLFLOW_BIN:-mlflow}"
 PID_FILE="$MLFLOW_HOME/server.pid"
 LOG_FILE="$MLFLOW_HOME/server.log"
 START_TIMEOUT_S="${MLFLOW_START_TIMEOUT_S:-120}"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 if [[ "$BACKEND_STORE_URI" == sqlite:* ]]; then
   WORKERS="${MLFLOW_WORKERS:-1}"

@@ -62,14 +62,16 @@ RUN_NAME = "rehearsal"
 WORKER_CPUS = 2  # each worker node holds both Train workers (1 CPU each): Ray Train packs them
 HEAD_CPUS = 1  # the data pipeline's tasks and the Serve replicas' spare room
 COMMAND_TIMEOUT_S = 600
-# the dataset `train_imdb --data sample` trains on: prepared here first, so training finds it.
+# the dataset training and the sweep read by name (--data reviews), prepared once to S3 as a user would.
+# (`--data sample` would prepare the built-in corpus at its full size, 2000 + 1000 reviews.)
+DATASET = "reviews"
 # A synthetic corpus smaller than `--source sample`'s (as tests/conftest.py's): training is
 # capped at a few steps anyway, and each registration scores every backend on the whole test split
 CORPUS_PER_LABEL = {"train_per_label": 300, "test_per_label": 100}
 
 
 def prepare_args(corpus: Path) -> list[str]:
-    return ["-m", "pipelines.prepare_imdb", "--source", str(corpus), "--name", "sample", "--storage", STORAGE, "--no-progress"]
+    return ["-m", "pipelines.prepare_imdb", "--source", str(corpus), "--name", DATASET, "--storage", STORAGE, "--no-progress"]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -154,14 +156,14 @@ class RayNode:
 
 
 def sweep_args(model: str) -> list[str]:
-    return ["-m", "tune.tune_imdb", "--data", "sample", "--storage", STORAGE, "--sweep-name", "rehearsal-sweep", "--model", model,
+    return ["-m", "tune.tune_imdb", "--data", DATASET, "--storage", STORAGE, "--sweep-name", "rehearsal-sweep", "--model", model,
             "--num-samples", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "64", "--batch-sizes", "8",
-            "--scheduler", "fifo", "--num-workers", "1", "--cpus-per-worker", "1", "--use-gpu", "no", "--promote", "never"]
+            "--scheduler", "fifo", "--num-workers", "1", "--cpus-per-worker", "1", "--use-gpu", "no", "--promote", "never", "--no-onnx-variants"]
 
 
 def train_args(epochs: int, model: str) -> list[str]:
     """Two workers of 1 CPU: a worker node holds both; a few steps per epoch keep it short."""
-    return ["-m", "pipelines.train_imdb", "--data", "sample", "--storage", STORAGE, "--run-name", RUN_NAME, "--model", model,
+    return ["-m", "pipelines.train_imdb", "--data", DATASET, "--storage", STORAGE, "--run-name", RUN_NAME, "--model", model,
             "--num-workers", "2", "--cpus-per-worker", "1", "--use-gpu", "no", "--epochs", str(epochs),
             "--max-steps-per-epoch", "4", "--max-length", "64", "--batch-size", "8", "--eval-batch-size", "64",
             "--max-failures", "2", "--promote", "auto"]
@@ -373,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         out = run_command(prepare_args(corpus), driver_env, head.folder, logs / "prepare-1.log")
         timings["prepare_s"] = round(time.monotonic() - step, 1)
         check("written" in out, "prepare_imdb wrote the sample corpus to S3")
-        keys = s3.list_keys(BUCKET, "platform/datasets/sample/")
+        keys = s3.list_keys(BUCKET, f"platform/datasets/{DATASET}/")
         manifests = [k for k in keys if k.endswith("/manifest.json")]
         check(len(manifests) == 1 and any(k.endswith(".parquet") for k in keys), f"shards and one manifest in the bucket ({len(keys)} objects)")
         before = {k: s3.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in keys}
         step = time.monotonic()
         out = run_command(prepare_args(corpus), driver_env, head.folder, logs / "prepare-2.log")
         timings["prepare_again_s"] = round(time.monotonic() - step, 1)
-        after = {k: s3.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in s3.list_keys(BUCKET, "platform/datasets/sample/")}
+        after = {k: s3.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in s3.list_keys(BUCKET, f"platform/datasets/{DATASET}/")}
         check("already prepared" in out and after == before, "the same prepare again is a no-op (no object written)")
 
         killer = NodeKiller(nodes, gcs_address, mlflow_server.uri)
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         # the same run continued from another machine: everything it needs is in the bucket and MLflow
         step = time.monotonic()
         other = nodes["worker-1"]
-        out = run_command(train_args(epochs=3, model=model) + ["--resume"], {**other.env(), "RAY_ADDRESS": gcs_address}, other.folder, logs / "train-resume.log")
+        out = run_command(train_args(epochs=3, model=model) + ["--resume", "--no-onnx-variants"], {**other.env(), "RAY_ADDRESS": gcs_address}, other.folder, logs / "train-resume.log")
         timings["resume_s"] = round(time.monotonic() - step, 1)
         check("resuming from the checkpoint of epoch 2" in out, "--resume on another machine continued from epoch 2's checkpoint in S3")
         result["checkpoint_store_s"].update(checkpoint_times(out))
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         versions_after = postgres.query("SELECT version FROM model_versions WHERE name = %s", (MODEL_NAME,))
         alias_after = postgres.query("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'", (MODEL_NAME,))
         check(len(versions_after) == 3 and alias_after == alias and s3.list_keys(BUCKET, "platform/tune_results/rehearsal-sweep/"),
-              f"the sweep's best trial registered as version 3, @champion kept (--promote never), sweep state in the bucket")
+              "the sweep's best trial registered as version 3, @champion kept (--promote never), sweep state in the bucket")
 
         step = time.monotonic()
         port = free_port()

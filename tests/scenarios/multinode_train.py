@@ -48,6 +48,7 @@ def train_config(manifest, storage: Path, model_dir: str, **overrides):
         experiment="multinode",
         register_as=MODEL_NAME,
         max_failures=0,
+        onnx_variants=False,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
