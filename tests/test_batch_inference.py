@@ -77,7 +77,7 @@ def test_without_onnx_variants_only_torch_is_registered_and_the_others_are_refus
     tags = MlflowClient(uri, registry_uri=uri).get_model_version(name, str(info.registered_model_version)).tags
     assert tags["backend.default"] == "torch" and tags["backend.torch.usable"] == "true"
     assert not [key for key in tags if key.startswith(("backend.onnx.", "backend.onnx-int8."))]
-    assert choose_backend("auto", tags, name) == "torch"
+    assert choose_backend("auto", tags, name) == "torch" and choose_backend("torch", tags, name) == "torch"
     for backend in ("onnx", "onnx-int8"):
         with pytest.raises(ConfigError, match="--no-onnx-variants"):
             choose_backend(backend, tags, name)

@@ -140,7 +140,7 @@ def choose_backend(requested: str, tags: dict, what: str) -> str:
         raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
     if requested == "auto":
         return tags.get("backend.default", "torch")
-    if "backend.default" in tags and f"backend.{requested}.usable" not in tags:
+    if requested != "torch" and "backend.default" in tags and f"backend.{requested}.usable" not in tags:
         raise ConfigError(f"backend {requested} is not in {what}: it was registered with --no-onnx-variants (torch only)")
     if tags.get(f"backend.{requested}.usable") == "false":
         raise ConfigError(

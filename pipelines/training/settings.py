@@ -80,8 +80,8 @@ class TrainConfig:
     promote: str = field("auto", "move the 'champion' alias: auto = only if test accuracy >= the champion's", choices=PROMOTE_CHOICES)
     onnx_variants: bool = field(
         True,
-        "at registration, also export the model to ONNX and int8 and score both beside torch (about a minute for "
-        "MiniLM on 2 CPUs); --no-onnx-variants registers the torch model alone (GPU serving, quick experiments)",
+        "at registration, also export the model to ONNX and int8 and score both beside torch; "
+        "--no-onnx-variants registers the torch model alone (GPU serving, quick experiments)",
     )
     ray_address: str | None = field(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
