@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 
 
 MIN_OBJECT_STORE = 256 * 1024**2
-
-
 MAX_LOCAL_OBJECT_STORE = 4 * 1024**3
 
 

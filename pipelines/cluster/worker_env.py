@@ -9,8 +9,6 @@ import os
 # Ray Train's print patch logs every print of a worker and prints it as well: each line
 # reached the driver twice.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-
 # Passed through when set on the driver, so offline runs stay offline on workers.
 PASSTHROUGH_ENV = (
     "HF_HUB_OFFLINE",

@@ -31,15 +31,9 @@ from pipelines.data.corpus import RawCorpus, RawSplit, SourceInfo, fingerprint
 from pipelines.data.validation import short_repr
 
 SPLITS_IN_SOURCE = ("train", "test")
-
-
 LABEL_FOLDERS = {"neg": 0, "pos": 1}
-
-
 # aclImdb/<split>/<pos|neg>/<id>_<rating>.txt; unsup/ and the .feat files are skipped.
 REVIEW_PATH = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
-
-
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 

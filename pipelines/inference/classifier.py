@@ -31,18 +31,12 @@ from pipelines.text.model import LABEL_NAMES
 from pipelines.text.tokenization import special_token_frame, truncate
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
-
-
 # texts per forward pass on a CPU (Classifier). bench/forward_pass.py, MiniLM at max length
 # 256, batches of 32 review-length texts, 2-core AMD EPYC: passes of 4 sorted by length gave
 # 1.38x (torch), 1.12x (onnx), 1.30x (onnx-int8) the texts/s of one pass of 32 on 1 thread,
 # 1.28x, 1.16x, 1.12x on 2 threads; 2 to 4 was best for every backend
 CPU_ROWS_PER_PASS = 4
-
-
 ONNX_FILE = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-
-
 SETTINGS_FILE = "inference.json"
 
 

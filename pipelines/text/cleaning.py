@@ -17,8 +17,6 @@ HTML_TAG = re.compile(
 
 # Zero-width and BOM characters that NFKC keeps but a tokenizer should never see.
 INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-
-
 WHITESPACE = re.compile(r"\s+")
 
 

@@ -20,8 +20,6 @@ from pipelines.core.errors import ConfigError
 from pipelines.tracking.store_uri import without_password
 
 STEP_LOSS = "train/step_loss"
-
-
 # what the training-curves picture draws
 CURVE_KEYS = ("train/loss", "val/loss", STEP_LOSS, "val/accuracy", "val/f1")
 

@@ -11,8 +11,6 @@ from pipelines.text.model import load_classifier
 from pipelines.training.loop import BestEpoch, unwrap
 
 TRAINING_STATE = "training_state.pt"
-
-
 BEST_MODEL_DIR = "best_model"  # in a checkpoint whose own epoch is not the best one
 
 

@@ -19,8 +19,6 @@ from pipelines.training.settings import TrainConfig
 
 # --cache-tokenized auto: cache when the token ids fill under this share of the object store
 CACHE_STORE_FRACTION = 0.10
-
-
 # bytes per token in the object store: int32 ids plus Arrow offsets and block overhead
 CACHE_BYTES_PER_TOKEN = 6
 

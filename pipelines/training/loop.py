@@ -21,11 +21,7 @@ from pipelines.training.batching import Batch, BatchPlan, epoch_steps
 from pipelines.training.metrics import metrics_from_counts
 
 SCORE_BINS = 100  # test-set score histograms: ROC / PR curves exact at 0.01 thresholds
-
-
 STEP_CURVE_POINTS = 200  # per-step train loss points kept per epoch (chunk means beyond that)
-
-
 SELECTION_METRIC = "val/accuracy"
 
 

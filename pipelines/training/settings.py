@@ -13,8 +13,6 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.storage import default_storage
 
 PROMOTE_CHOICES = ("auto", "never", "always")
-
-
 USE_GPU_CHOICES = ("auto", "yes", "no")
 
 

@@ -32,7 +32,7 @@
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION
 #                             MLflow's job runner for GenAI scorer jobs (default false here:
 #                             this platform runs none, and the runner forks 8 more Python
-#                             processes, about 1.5 GB, and a folder in /dev/shm, on the head)
+#                             processes, 170-290 MB each in `ps`, and a folder in /dev/shm)
 #
 # Before starting, a postgresql:// backend store must accept a connection and an s3:// artifact
 # root (when proxied) must be a reachable bucket (endpoint from MLFLOW_S3_ENDPOINT_URL or
