@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import scenario_lane
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
@@ -76,3 +78,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# The cluster scenarios run in a second lane, beside the other tests (tests/scenario_lane.py).
+def pytest_addoption(parser):
+    scenario_lane.add_option(parser)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "scenario(script, timeout_s): a test of tests/scenarios/<script>, run in the scenario lane")
+    config.pluginmanager.register(scenario_lane.LanePlugin(), "scenario-lane")
