@@ -4,8 +4,8 @@ Each scenario (tests/scenarios/*.py) is a process with a Ray cluster of its own:
 nothing of the pytest process but CPU. On 2 cores the rest of the suite leaves about a third
 of the machine idle (waiting on Ray, servers, subprocesses), and so does a scenario: side by
 side, each fills the other's gaps. So the scenarios start as soon as collection is done, one
-after another, and their tests are moved to the end of the session, where each waits for its
-scenario's result and asserts on it as it would on a run of its own.
+after another, the longest first, and their tests are moved to the end of the session, where
+each waits for its scenario's result and asserts on it as on a run of its own.
 
 A scenario gets a HOME and a TMPDIR of its own: the rehearsal checks that nothing of its
 cluster wrote outside its folders, and the suite beside it writes in the shared ones
