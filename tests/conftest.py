@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import scenario_lane
+from tests import lane
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -80,11 +80,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-# The cluster scenarios run in a second lane, beside the other tests (tests/scenario_lane.py).
+# Tests of whole commands in processes of their own run in a second lane, beside the others (tests/lane.py).
 def pytest_addoption(parser):
-    scenario_lane.add_option(parser)
+    lane.add_option(parser)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "scenario(script, timeout_s): a test of tests/scenarios/<script>, run in the scenario lane")
-    config.pluginmanager.register(scenario_lane.LanePlugin(), "scenario-lane")
+    config.pluginmanager.register(lane.LanePlugin(), "lane")

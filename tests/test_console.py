@@ -4,7 +4,7 @@ A real subprocess with its own local Ray, the tiny model, the sample corpus and 
 storage root; then the MLflow store it wrote. The console must be short and quiet (no
 library warnings, no line twice), show the stages and progress bars, and leave a run
 whose page shows pictures, a description and its data; a failing run must say where it
-failed and keep its log in MLflow.
+failed and keep its log in MLflow. Both runs go in the lane beside the other tests (tests/lane.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lane import lane_result
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 STAGES = ("[data]", "[model]", "[resources]", "[training]", "[evaluation]", "[registration]")
@@ -24,14 +26,22 @@ STAGES = ("[data]", "[model]", "[resources]", "[training]", "[evaluation]", "[re
 NOISE = re.compile(r"warning(?!: )|Deprecat|core_worker|RayTrainWorker|TrainController|Traceback|INFO|ERROR", re.IGNORECASE)
 
 
-def run_cli(args: list[str], storage: Path, timeout_s: float = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def run_cli(args: list[str], storage: Path, env: dict | None = None, timeout_s: float = 420) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's first run
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, "-m", "pipelines.train_imdb", *args, "--storage", str(storage)],
         cwd=storage.parent, env=env, capture_output=True, text=True, timeout=timeout_s,
     )
+
+
+def tiny_model(workdir: Path, env: dict) -> str:
+    """The tests' tiny BERT, built in a process of its own (it seeds torch: not in the lane's thread)."""
+    folder = workdir / "tiny-bert"
+    build = "import sys; from tests.tiny_model import build_tiny_model; build_tiny_model(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", build, str(folder)], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+    return str(folder)
 
 
 def train_args(model_dir: str) -> list[str]:
@@ -51,11 +61,17 @@ def mlflow_client(storage: Path):
     return MlflowClient(uri, registry_uri=uri)  # not the registry another test set process-wide
 
 
+def first_run(workdir: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path]:
+    """A user's first run on the tiny model; (the process, its storage root)."""
+    storage = workdir / "storage"
+    return run_cli(train_args(tiny_model(workdir, env)), storage, env), storage
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(tmp_path, tiny_model_dir):
-    storage = tmp_path / "storage"
-    result = run_cli(train_args(tiny_model_dir), storage)
+@pytest.mark.lane(first_run, timeout_s=420)
+def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(request):
+    result, storage = lane_result(request, first_run)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     lines = screen_lines(output)
@@ -91,14 +107,12 @@ def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(tmp_path, 
     assert "## Evaluation" in card and run.info.run_id in card and "synthetic" in card
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(tmp_path, tiny_model_dir):
-    storage = tmp_path / "storage"
-    args = train_args(tiny_model_dir)
+def run_on_damaged_shards(workdir: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path]:
+    """The sample prepared, every train shard then damaged, and a run on it; (the run's process, the storage root)."""
+    storage = workdir / "storage"
     prepared = subprocess.run(
         [sys.executable, "-m", "pipelines.prepare_imdb", "--source", "sample", "--name", "sample", "--storage", str(storage), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     # damage every train shard in place, keeping its size (a disk or copy fault, not a cut
@@ -107,8 +121,14 @@ def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(tmp_p
         data = bytearray(shard.read_bytes())
         data[len(data) // 4: len(data) * 3 // 4] = b"\x00" * (len(data) * 3 // 4 - len(data) // 4)
         shard.write_bytes(bytes(data))
+    return run_cli([*train_args(tiny_model(workdir, env)), "--max-failures", "0"], storage, env), storage
 
-    result = run_cli([*args, "--max-failures", "0"], storage)
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.lane(run_on_damaged_shards, timeout_s=400)
+def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(request):
+    result, storage = lane_result(request, run_on_damaged_shards)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]  # bad data: the user's to fix
     last = screen_lines(result.stderr)[-2:]
     assert last[0].startswith("error: ") and "the train split cannot be read" in last[0] and "datasets/sample" in last[0], result.stderr

@@ -9,34 +9,48 @@ Ray (a `ray.cluster_utils.Cluster` of a head and worker nodes, or a local Ray fo
 because a process joins one Ray cluster only and this one holds the session-wide Ray of
 the other tests. A scenario prints one `SCENARIO_RESULT {json}` line; the assertions are here.
 In a whole-suite run the scenarios run in a lane of their own, beside the other tests
-(tests/scenario_lane.py), and these tests come last and read their results.
+(tests/lane.py), and these tests come last and read their results.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests import scenario_lane
+from tests import lane
+from tests.lane import lane_result
 
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 RESULT_PREFIX = "SCENARIO_RESULT "
 SCENARIO_TIMEOUT_S = 840
 SERVE_KILL_TIMEOUT_S = 480  # about 2 minutes on 2 busy cores: register, deploy, load, kill, recover
 REHEARSAL_TIMEOUT_S = 1200  # 5 minutes alone on 2 cores, 8 beside the rest of the suite
 
-# in the lane a test may wait for the scenarios queued before its own: each one's own timeout bounds it
-LANE_TIMEOUT_S = SCENARIO_TIMEOUT_S + SERVE_KILL_TIMEOUT_S + REHEARSAL_TIMEOUT_S + 3 * 120
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(LANE_TIMEOUT_S)]
+pytestmark = [pytest.mark.slow]
 
 
-def run_scenario(request, script: str, timeout_s: float = SCENARIO_TIMEOUT_S) -> tuple[dict, str]:
-    """The scenario run to its end (in the lane, or here); (its result, its output)."""
-    returncode, output = scenario_lane.run(request.config, script, request.getfixturevalue("tmp_path"), timeout_s)
+def run_scenario(script: str, workdir, env: dict, timeout_s: float) -> tuple[dict, str]:
+    """Run a scenario to its end; (its result, its output)."""
+    returncode, output = lane.run_process([sys.executable, str(SCENARIOS / script), str(workdir)], env, workdir / "scenario-output.log", timeout_s)
     ran = "timed out" if returncode is None else f"exit {returncode}"
     lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
     assert returncode == 0 and lines, f"{script} failed ({ran}):\n{output[-6000:]}"
     return json.loads(lines[-1][len(RESULT_PREFIX) :]), output
+
+
+def spread_training(workdir, env):
+    return run_scenario("multinode_train.py", workdir, env, SCENARIO_TIMEOUT_S)
+
+
+def serve_replica_kill(workdir, env):
+    return run_scenario("serve_replica_kill.py", workdir, env, SERVE_KILL_TIMEOUT_S)
+
+
+def cluster_rehearsal(workdir, env):
+    return run_scenario("cluster_rehearsal.py", workdir, env, REHEARSAL_TIMEOUT_S)
 
 
 def registered_version(result: dict):
@@ -47,9 +61,10 @@ def registered_version(result: dict):
     return client, version
 
 
-@pytest.mark.scenario("multinode_train.py", timeout_s=SCENARIO_TIMEOUT_S)
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
+@pytest.mark.lane(spread_training, timeout_s=SCENARIO_TIMEOUT_S)
 def test_training_spreads_two_workers_over_two_nodes_and_registers(request):
-    result, _ = run_scenario(request, "multinode_train.py")
+    result, _ = lane_result(request, spread_training)
 
     workers = result["train_workers"]
     assert len(workers) == 2, f"one worker group of two, no restart: {workers}"
@@ -71,9 +86,10 @@ def test_training_spreads_two_workers_over_two_nodes_and_registers(request):
     print("timings:", result["timings"])
 
 
-@pytest.mark.scenario("serve_replica_kill.py", timeout_s=SERVE_KILL_TIMEOUT_S)
+@pytest.mark.timeout(SERVE_KILL_TIMEOUT_S + 120)
+@pytest.mark.lane(serve_replica_kill, timeout_s=SERVE_KILL_TIMEOUT_S)
 def test_killing_a_serve_replica_under_load_fails_no_request(request):
-    result, _ = run_scenario(request, "serve_replica_kill.py", timeout_s=SERVE_KILL_TIMEOUT_S)
+    result, _ = lane_result(request, serve_replica_kill)
 
     # 8 plain clients (no retries of their own) while a model replica gets kill -9: the
     # ingress re-sends what the dead replica was running to the other one, so not one
@@ -95,10 +111,11 @@ def test_killing_a_serve_replica_under_load_fails_no_request(request):
           "recovery_s:", result["recovery_s"], "max_latency_s:", result["max_latency_s"], "timings:", result["timings"])
 
 
-@pytest.mark.scenario("cluster_rehearsal.py", timeout_s=REHEARSAL_TIMEOUT_S)
+@pytest.mark.timeout(REHEARSAL_TIMEOUT_S + 120)
+@pytest.mark.lane(cluster_rehearsal, timeout_s=REHEARSAL_TIMEOUT_S)
 def test_cluster_rehearsal_nodes_share_only_s3_and_mlflow(request):
     """make rehearsal: S3 + PostgreSQL + the MLflow server + a 3-node Ray with nothing shared on disk."""
-    result, output = run_scenario(request, "cluster_rehearsal.py", timeout_s=REHEARSAL_TIMEOUT_S)
+    result, output = lane_result(request, cluster_rehearsal)
 
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed and "error" not in result, f"failed checks: {failed}\n{result.get('error', '')}"

@@ -24,8 +24,8 @@ loads the champion through the MLflow server and answers /v1/predict.
 Checked at the end: the dataset, checkpoints (the oldest pruned) and model files are objects in the bucket,
 the run, version and alias are rows in PostgreSQL, and no file was written outside the
 nodes' folders, the servers' folders and the bucket (the repository, $HOME and the
-system temp folder are scanned for files newer than the start; in the test suite's scenario
-lane, $HOME and $TMPDIR are the lane's own, as the suite beside it writes in the shared ones).
+system temp folder are scanned for files newer than the start; in the test suite's
+lane (tests/lane.py), $HOME and $TMPDIR are the lane's own, as the suite beside it writes in the shared ones).
 
 Prints what it checked, one summary line, and one `SCENARIO_RESULT {json}` line.
 """
@@ -262,9 +262,9 @@ def files_written_since(start: float, roots: list[Path], allowed: list[Path]) ->
             if any((folder + os.sep).startswith(a) for a in allowed_text):
                 dirnames[:] = []
                 continue
-            # bytecode caches are no data; and beside the suite (tests/scenario_lane.py) its
-            # processes compile the repository's modules while this runs
-            dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__")]
+            # the test suite's, not a cluster's: beside it (tests/lane.py) its processes compile
+            # the repository's modules and Hypothesis keeps its examples while this runs
+            dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__", ".hypothesis")]
             for name in filenames:
                 path = os.path.join(folder, name)
                 # a link into an allowed folder belongs to it: another Ray on this machine (the test
