@@ -46,14 +46,17 @@ def run_process(command: list[str], env: dict[str, str] | None, log: Path, timeo
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         RUNNING.add(process)
+        # a blocking wait and a timer, not wait(timeout=): that polls with time.sleep, which a
+        # test in the main thread may have patched (and then this thread spins through its fake)
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout_s, lambda: (timed_out.set(), interrupt(process)))
+        timer.start()
         try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            interrupt(process)
-            returncode = None
+            returncode = process.wait()
         finally:
+            timer.cancel()
             RUNNING.discard(process)
-    return returncode, log.read_text(errors="replace")
+    return (None if timed_out.is_set() else returncode), log.read_text(errors="replace")
 
 
 def interrupt(process: subprocess.Popen) -> None:
@@ -61,11 +64,12 @@ def interrupt(process: subprocess.Popen) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGINT)
+    killer = threading.Timer(90, process.kill)  # then SIGKILL: as above, no wait(timeout=)
+    killer.start()
     try:
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        process.kill()
         process.wait()
+    finally:
+        killer.cancel()
 
 
 @dataclass

@@ -8,6 +8,9 @@ waits, and that the request is withdrawn (an empty request) however the job ends
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 
 from pipelines.cluster import autoscaler as cluster_autoscaler
@@ -35,7 +38,11 @@ def autoscaler(monkeypatch):
     monkeypatch.setattr(runtime, "largest_node_cpus", lambda: cluster["CPU"])
     monkeypatch.setattr(cluster_autoscaler, "autoscaler_max_gpus", lambda: cluster["max_gpus"])
     monkeypatch.setattr(runtime, "is_local_cluster", lambda: False)
-    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: cluster.update(CPU=cluster["CPU"] + 4, GPU=cluster["GPU"] + 2))
+    # the autoscaler module's clock only: `time.sleep` itself is every thread's (tests/lane.py waits on other threads)
+    def grow(seconds: float) -> None:
+        cluster.update(CPU=cluster["CPU"] + 4, GPU=cluster["GPU"] + 2)
+
+    monkeypatch.setattr(cluster_autoscaler, "time", SimpleNamespace(monotonic=time.monotonic, sleep=grow))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "60")
     return calls, cluster
@@ -77,7 +84,7 @@ def test_use_gpu_auto_stays_on_cpus_when_no_node_type_has_gpus(autoscaler):
 def test_the_wait_is_bounded(autoscaler, monkeypatch, caplog):
     calls, cluster = autoscaler
     monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "0")
-    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: None)  # the cluster never grows
+    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: None)  # the cluster never grows (the module's clock: see the fixture)
     with resources.requested_resources(TrainConfig(num_workers=4, batch_size=16, use_gpu="yes")):
         pass
     assert "did not provide" in caplog.text
