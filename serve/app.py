@@ -59,7 +59,7 @@ from serve.http_api import build_http_app
 from serve.http_proxy import PROXIES, use_haproxy
 from serve.metrics import IngressMetrics, ServingMetrics
 from serve.schemas import RequestError, RequestLimits
-from serve.security import ApiKeyGuard, load_api_key
+from serve.security import ApiKeyGuard, is_loopback, load_api_key, refuse_open_endpoint
 from serve.settings import API_KEY_ENV, API_KEY_FILE_ENV, ModelSource, ScalingSettings, ServingConfig, split_app_args
 
 if TYPE_CHECKING:  # serve.model_store imports torch: only model replicas (and the driver's check) load it
@@ -179,14 +179,11 @@ class SentimentClassifier:
         self.store.backend = serving.backend  # the next load uses it; a change loads the model again
         if self.store.current is None:
             await self._swap(selector)  # nothing to fall back on: a failure fails the replica's start
-            self._selector = selector
         elif selector != self._selector or backend_changed:
             try:
                 await self._swap(selector)
             except Exception as exc:  # e.g. a pinned version that does not exist: keep serving
                 self._record_swap_error(selector, exc)
-                return
-            self._selector = selector
 
     async def _set_threads(self, num_threads: int | None) -> None:
         import ray
@@ -205,12 +202,21 @@ class SentimentClassifier:
 
     # --- the model: swaps and the registry poll -------------------------------------
 
-    async def _swap(self, selector: ModelSelector) -> None:
+    async def _swap(self, selector: ModelSelector | None) -> None:
+        """Load `selector`'s version and make it the one followed; None: the registry poll of the
+        selector followed now, read under the lock (a reconfigure may have pinned a version while
+        this waited for it: a selector read before the wait would swap the pin back)."""
         async with self._swap_lock:
+            previous = self._selector
+            if selector is None:
+                selector = previous
+                if selector is None or not selector.follows_alias:
+                    return
             # load + warm-up take seconds: off the event loop and off the inference thread
             loaded = await asyncio.get_running_loop().run_in_executor(None, self.store.swap_to, selector)
+            self._selector = selector
         current = self.store.current
-        self.metrics.record_model(current.name, current.version, swapped=loaded is not None and self._selector is not None)
+        self.metrics.record_model(current.name, current.version, swapped=loaded is not None and previous is not None)
         self._last_error = None
 
     def _record_swap_error(self, selector: ModelSelector, exc: Exception) -> None:
@@ -225,13 +231,15 @@ class SentimentClassifier:
         while True:
             interval = self.serving.poll_interval_s
             await asyncio.sleep(interval if interval > 0 else IDLE_POLL_S)
-            selector = self._selector
-            if interval <= 0 or selector is None or not selector.follows_alias:
-                continue
-            try:
-                await self._swap(selector)
-            except Exception as exc:  # the registry may be down: keep serving the model we have
-                self._record_swap_error(selector, exc)
+            if interval > 0:
+                await self._poll_registry()
+
+    async def _poll_registry(self) -> None:
+        """One poll: follow the alias if an alias is what this replica serves (decided under the swap lock)."""
+        try:
+            await self._swap(None)
+        except Exception as exc:  # the registry may be down: keep serving the model we have
+            self._record_swap_error(self._selector, exc)
 
     def check_health(self) -> None:
         if self.store.current is None:
@@ -476,9 +484,12 @@ def check_model_exists(source: ModelSource, serving: ServingConfig) -> str:
 
 
 def app_builder(args: dict | None = None) -> Application:
-    """`import_path: serve.app:app_builder` (config.yaml `args:` -> ModelSource + ServingConfig keys)."""
+    """`import_path: serve.app:app_builder` (config.yaml `args:` -> ModelSource + ServingConfig keys).
+
+    Its HTTP address is the Serve config's (serve/config.yaml: 0.0.0.0), so it needs a key or `allow_anonymous: true`.
+    """
     source, serving = split_app_args(args)
-    check_api_key()
+    refuse_open_endpoint(load_api_key(), serving.allow_anonymous, "serve.app:app_builder (the app of a Serve config)")
     check_model_exists(source, serving)
     return build_app(source, serving)
 
@@ -513,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source, serving, scaling = (from_namespace(cls, args) for cls in (ModelSource, ServingConfig, ScalingSettings))
     # before Ray starts: a bad key or setting is one line and exit 2, not a failed deployment
-    check_api_key()
+    api_key = load_api_key()
+    if not is_loopback(args.host):
+        refuse_open_endpoint(api_key, serving.allow_anonymous, f"--host {args.host}")
     if not args.request_timeout_s > 0:
         raise ConfigError(f"--request-timeout-s must be positive, got {args.request_timeout_s}")
     retry = RetryPolicy(budget_s=args.request_timeout_s)  # a retry after the proxy's 408 would help no one

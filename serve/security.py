@@ -2,7 +2,9 @@
 
 The key comes from the environment of the replica: `SERVE_API_KEY`, or a file named by
 `SERVE_API_KEY_FILE` (a mounted secret; the file wins when both are set), never from a
-config file in git. With neither set the endpoint is open and says so once in the log.
+config file in git. With neither set, serving refuses to start where others can connect (an
+address other than loopback, or the app of serve/config.yaml) unless anonymous access is asked
+for by name (`--allow-anonymous`, `allow_anonymous: true`); an open endpoint says so in the log.
 The key is compared in constant time and never logged; only a fingerprint is, so an
 operator can tell which key a replica holds.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -39,6 +42,24 @@ def load_api_key(environ: dict[str, str] | None = None) -> str | None:
     if key is not None and len(key) < MIN_KEY_LENGTH:
         raise ConfigError(f"the API key is {len(key)} characters; use at least {MIN_KEY_LENGTH} (e.g. `openssl rand -hex 32`)")
     return key
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def refuse_open_endpoint(api_key: str | None, allow_anonymous: bool, where: str) -> None:
+    """Fail closed: no key where others can connect is an error unless anonymous access was asked for by name."""
+    if api_key is None and not allow_anonymous:
+        raise ConfigError(
+            f"{where}: no API key (${API_KEY_ENV} or ${API_KEY_FILE_ENV}), so /v1 and /v2 would answer anyone who reaches it; "
+            "set a key, or serve it open on purpose with --allow-anonymous (allow_anonymous: true)"
+        )
 
 
 def fingerprint(key: str) -> str:

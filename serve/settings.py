@@ -57,6 +57,8 @@ class ServingConfig:
     num_threads: int | None = field(None, "torch intra-op threads per replica (default: the replica's CPUs, at least 1)")
     backend: str = field("auto", "inference backend: auto (the version's default: the fastest whose accuracy check passed), torch, onnx or onnx-int8",
                          choices=BACKEND_CHOICES)
+    allow_anonymous: bool = field(False, "serve /v1 and /v2 with no API key to anyone who can reach the address: off loopback, "
+                                          "without $SERVE_API_KEY or $SERVE_API_KEY_FILE, serving refuses to start unless this is set")
 
     def __post_init__(self) -> None:
         if self.model_version is not None:

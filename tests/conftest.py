@@ -71,6 +71,7 @@ HEAVY_FIXTURES = frozenset({
     "s3",  # tests/test_object_storage.py: moto's S3 server
     "store", "cluster_tracking",  # tests/test_mlflow_server.py: PostgreSQL and the MLflow server
     "registry", "registered",  # a model logged to MLflow (tests/test_serve.py, tests/test_batch_inference.py)
+    "gate_server",  # tests/test_gate_faults.py: an MLflow server behind the fault proxy
 })
 
 

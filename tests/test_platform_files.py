@@ -349,7 +349,15 @@ def test_runbook_names_metrics_and_mlflow_fields_that_exist():
         if flag in {"--force", "--source", "--rows-per-shard", "--stop", "--daemon", "--num-samples", "--lr-min",
                     "--lr-max", "--batch-sizes", "--shm-size", "--verbose"}:
             continue  # prepare_imdb, the start script, tune, docker, every command's --verbose
-        assert flag[2:].replace("-", "_") in {f for f in _train_fields()}, f"RUNBOOK names {flag}, not a train_imdb flag"
+        assert flag[2:].replace("-", "_") in _train_fields() | _promote_fields(), f"RUNBOOK names {flag}, not a train_imdb or promote flag"
+
+
+def _promote_fields() -> frozenset[str]:
+    import dataclasses
+
+    from pipelines.promote import PromoteConfig
+
+    return frozenset(f.name for f in dataclasses.fields(PromoteConfig))
 
 
 @lru_cache(maxsize=1)

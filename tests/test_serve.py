@@ -216,10 +216,11 @@ def test_a_bad_api_key_fails_in_the_driver_before_anything_is_deployed(monkeypat
     [
         ({"SERVE_API_KEY": "short"}, [], "error: the API key is 5 characters; use at least 16"),
         ({}, ["--max-batch-size", "0"], "error: max_batch_size=0 is out of range"),
+        ({}, ["--host", "0.0.0.0"], "error: --host 0.0.0.0: no API key ($SERVE_API_KEY or $SERVE_API_KEY_FILE), so /v1 and /v2 would answer anyone"),
         ({"RAY_SERVE_HAPROXY_BINARY_PATH": "/nonexistent/haproxy"}, ["--http-proxy", "haproxy"], "error: --http-proxy haproxy: no HAProxy binary"),
         ({}, ["--http-proxy", "haproxy", "--ray-address", "127.0.0.1:1"], "error: --http-proxy haproxy on a running cluster"),
     ],
-    ids=["short key", "bad setting", "no haproxy", "haproxy on a cluster not started with it"],
+    ids=["short key", "bad setting", "open beyond loopback", "no haproxy", "haproxy on a cluster not started with it"],
 )
 def test_serve_app_fails_fast_with_one_line_before_starting_ray(tmp_path, env, args, message):
     """What `python -m serve.app` says about a bad key or setting: one line, exit 2, no Ray, no traceback."""
@@ -238,6 +239,29 @@ def test_serve_app_fails_fast_with_one_line_before_starting_ray(tmp_path, env, a
     assert proc.stdout == "", "no console session (its log line) and no Ray: it stopped before both"
     assert not (tmp_path / "logs").exists()
     print(f"failed in {elapsed:.1f}s (mostly imports)")
+
+
+@pytest.mark.timeout(60)
+def test_serving_beyond_loopback_needs_a_key_or_anonymous_access_asked_for_by_name(monkeypatch, tmp_path):
+    """Fail closed: no key where others can connect is refused; loopback, a key, or allow_anonymous pass."""
+    from pipelines.core.errors import ConfigError
+    from serve.app import app_builder
+    from serve.security import is_loopback, refuse_open_endpoint
+
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "10.0.0.5", "head.example.com"))
+    with pytest.raises(ConfigError, match="--allow-anonymous"):
+        refuse_open_endpoint(None, False, "--host 0.0.0.0")
+    refuse_open_endpoint("k" * 16, False, "--host 0.0.0.0")
+    refuse_open_endpoint(None, True, "--host 0.0.0.0")
+    # the app of serve/config.yaml listens on 0.0.0.0: no key, no allow_anonymous -> refused before the registry is read
+    monkeypatch.delenv("SERVE_API_KEY", raising=False)
+    monkeypatch.delenv("SERVE_API_KEY_FILE", raising=False)
+    with pytest.raises(ConfigError, match="no API key"):
+        app_builder({"model_name": MODEL_NAME, "storage": str(tmp_path)})
+    with pytest.raises(Exception) as past_the_door:  # allowed open: it goes on to the registry (empty here)
+        app_builder({"model_name": MODEL_NAME, "storage": str(tmp_path), "allow_anonymous": True})
+    assert "API key" not in str(past_the_door.value)
 
 
 @pytest.mark.timeout(60)
@@ -648,3 +672,58 @@ def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_pa
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
     with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start`"):
         use_haproxy(joining_cluster=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_registry_poll_during_a_pinning_reconfigure_does_not_swap_the_pin_back():
+    """The interleaving, made deterministic: a reconfigure pins v2 and is loading it; the poll of the
+    alias (v1) wakes meanwhile and waits for the swap lock. Once the load ends, the poll must see
+    the pin and do nothing: with a selector read before the wait it swapped back to v1, and
+    stayed there (a pinned selector is never polled again)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from serve.app import SentimentClassifier
+    from serve.model_store import ModelSelector
+
+    alias, pinned = ModelSelector("m", alias="champion"), ModelSelector("m", version="2")
+    loading_pin, finish_loading = threading.Event(), threading.Event()
+
+    class Store:
+        """swap_to as the real one: the alias points at v1; loading the pin takes until released."""
+
+        def __init__(self):
+            self.current, self.loads = SimpleNamespace(name="m", version="1"), []
+
+        def swap_to(self, selector):
+            self.loads.append(selector)
+            if selector == pinned:
+                loading_pin.set()
+                assert finish_loading.wait(10)
+            version = selector.version or "1"
+            if version == self.current.version:
+                return None
+            self.current = SimpleNamespace(name="m", version=version)
+            return self.current
+
+    async def interleave():
+        replica = object.__new__(SentimentClassifier.func_or_class)  # its state, not a Ray actor
+        replica.store, replica._selector, replica._last_error = Store(), alias, None
+        replica.metrics = SimpleNamespace(record_model=lambda *a, **k: None, registry_errors=SimpleNamespace(inc=lambda: None))
+        replica._swap_lock = asyncio.Lock()
+        reconfigure = asyncio.create_task(replica._swap(pinned))
+        while not loading_pin.is_set():
+            await asyncio.sleep(0.01)
+        poll = asyncio.create_task(replica._poll_registry())  # the poller wakes mid-load
+        await asyncio.sleep(0.1)
+        assert not poll.done(), "the poll must wait for the swap lock"
+        finish_loading.set()
+        await reconfigure
+        await poll
+        return replica
+
+    replica = asyncio.run(interleave())
+    assert replica._selector == pinned
+    assert replica.store.current.version == "2", "the poll swapped the pinned version back to the alias's"
+    assert replica.store.loads == [pinned], "the poll loaded something although a version is pinned"

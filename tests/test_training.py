@@ -369,7 +369,7 @@ def test_the_best_epoch_is_kept_and_checkpointed(tiny_model_dir):
             for parameter in model.parameters():
                 parameter.add_(0.01)  # "training" moves every weight
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-        best.offer(epoch, {"accuracy": accuracy, "loss": 1.0}, model, keep_copy=True)
+        best.offer(epoch, {"accuracy": accuracy, "loss": 1.0, "f1": accuracy - 0.1}, model, keep_copy=True)
         assert not best.patience_spent(epoch, patience=2)
     assert best.epoch == 1 and best.patience_spent(3, patience=2)
     folder = save_checkpoint(model, optimizer, scheduler, 2, [0, 1, 2], {"lr": 1e-3}, best)
@@ -378,7 +378,7 @@ def test_the_best_epoch_is_kept_and_checkpointed(tiny_model_dir):
         for name, value in snapshots[1].items():
             torch.testing.assert_close(registered[name], value, msg=f"{name} is not epoch 2's")
         state = torch.load(folder / "training_state.pt", weights_only=False)
-        assert state["best"] == {"epoch": 1, "accuracy": 0.7, "loss": 1.0}
+        assert state["best"] == {"epoch": 1, "accuracy": 0.7, "loss": 1.0, "f1": pytest.approx(0.6)}
     finally:
         shutil.rmtree(folder)
 
@@ -398,3 +398,33 @@ def test_threads_use_the_cpus_ray_data_does_not_need(options, cached, node_cpus,
     from pipelines.training.resources import plan_threads
 
     assert plan_threads(TrainConfig(**options), use_gpu, cached, node_cpus) == threads
+
+
+def test_a_checkpoint_that_holds_code_is_refused_not_run(tmp_path, tiny_model_dir):
+    """Training state loads with weights_only: a real checkpoint's loads; a pickle with a payload does not run."""
+    import pickle
+
+    from pipelines.text.model import load_classifier
+    from pipelines.training.checkpoints import TRAINING_STATE, load_training_state, save_checkpoint
+    from pipelines.training.loop import BestEpoch, build_optimizer, build_scheduler
+
+    model = load_classifier(tiny_model_dir)
+    optimizer = build_optimizer(model, 1e-3, 0.0)
+    scheduler = build_scheduler(optimizer, {"batch_size": 8, "grad_accum": 1, "train_rows": 80, "epochs": 2, "warmup_ratio": 0.1}, 1)
+    best = BestEpoch()
+    best.offer(0, {"accuracy": 0.6, "loss": 0.7, "f1": 0.5}, model, keep_copy=False)
+    folder = save_checkpoint(model, optimizer, scheduler, 0, [1], {"lr": 1e-3, "model_path": tiny_model_dir}, best)
+    state = load_training_state(folder)
+    assert state["epoch"] == 0 and state["best"]["f1"] == 0.5 and "state" in state["optimizer"]
+
+    ran = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    (folder / TRAINING_STATE).write_bytes(pickle.dumps({"epoch": 1, "x": Payload()}))
+    with pytest.raises(DataError, match="refused") as refused:
+        load_training_state(folder)
+    assert str(folder / TRAINING_STATE) in str(refused.value)
+    assert not ran.exists(), "loading the checkpoint ran its code"

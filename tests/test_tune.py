@@ -111,6 +111,25 @@ def test_best_trial_is_registered_and_gated(sweep_outcome):
     assert str(client.get_model_version_by_alias(register_as, "champion").version) == outcome.registered_version
     run = client.get_run(version.run_id)
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id, "registered from the best trial's child run"
+    # ranked by the figure of the epoch whose model is registered, not the last epoch's
+    val_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/loss")}
+    assert best["score"] == pytest.approx(val_loss[best["score_epoch"]])
+    assert version.tags["best_epoch"] == str(best["score_epoch"])
+
+
+def test_trials_are_ranked_by_the_epoch_they_register():
+    """A trial whose last epoch got worse is ranked by its best epoch: the one whose model it registers."""
+    from tune.sweep import summarize
+
+    def result(trial_id, last_loss, best_loss, best_epoch):
+        metrics = {"trial_id": trial_id, "training_iteration": 3, "val/loss": last_loss, "val/accuracy": 0.6,
+                   "best/val_loss": best_loss, "best_epoch": best_epoch, "test/accuracy": 0.7}
+        return SimpleNamespace(metrics=metrics, error=None, config={"lr": 1e-4, "batch_size": 8}, path=f"/x/{trial_id}")
+
+    config = SweepConfig(metric="val/loss", train=TrainConfig(epochs=3))
+    rows = summarize([result("a", last_loss=0.50, best_loss=0.45, best_epoch=3), result("b", last_loss=0.60, best_loss=0.30, best_epoch=1)], config)
+    assert [row["trial_id"] for row in rows] == ["b", "a"], "b's registered epoch (0.30) beats a's (0.45), whatever the last epochs say"
+    assert (rows[0]["score"], rows[0]["score_epoch"]) == (0.30, 1)
 
 
 @pytest.mark.timeout(1200)

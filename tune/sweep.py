@@ -375,7 +375,9 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
                 "val_accuracy": metrics.get("val/accuracy"),
                 "val_loss": metrics.get("val/loss"),
                 "test_accuracy": metrics.get("test/accuracy"),
-                "score": metrics.get(config.metric),
+                # a finished trial registers its best epoch's model: it is ranked by that epoch's figure
+                "score": metrics.get(registered_epoch_key(config.metric), metrics.get(config.metric)),
+                "score_epoch": metrics.get("best_epoch", epochs_run),
                 "status": status,
                 # a URI: on an object store Ray gives the path without its scheme
                 "checkpoint_path": resolve(config.train.storage).uri_of(metrics[CHECKPOINT_PATH_KEY]) if metrics.get(CHECKPOINT_PATH_KEY) else None,
@@ -383,6 +385,11 @@ def summarize(result_grid, config: SweepConfig) -> list[dict]:
         )
     sign = -1 if config.mode == "max" else 1
     return sorted(rows, key=lambda row: (row["score"] is None, sign * (row["score"] or 0)))
+
+
+def registered_epoch_key(metric: str) -> str:
+    """The final report's key for `metric` at the epoch whose model is registered (val/loss -> best/val_loss)."""
+    return "best/" + metric.replace("/", "_")
 
 
 def _trial_id(result) -> str:
@@ -471,10 +478,8 @@ def _register_best(config: SweepConfig, context: SweepContext, manifest: Manifes
         mlflow.set_tag("best_trial_of_sweep", context.sweep_name)
         with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
             model_info = registration.register_model(str(best_model_folder(folder)), context.model_path, register_as, manifest, trained.max_length,
-                                                    trained.truncation, trained.onnx_variants)
-    version = str(model_info.registered_model_version)
-    decision = registry.apply_gate(client, register_as, version, config.train.promote, float(best["test_accuracy"]), manifest.content_hash)
-    return version, decision
+                                                    trained.truncation, trained.onnx_variants, source=best["checkpoint_path"])
+    return model_info.registered_model_version
 
 
 def _best_values(best: dict, config: SweepConfig) -> tuple[dict, dict]:
@@ -503,8 +508,10 @@ def sweep_description(config: SweepConfig, sweep_name: str, rows: list[dict], be
     failed = sum(row["status"] == "error" for row in rows)
     return (
         f"Sweep `{sweep_name}` swept {swept} over {len(rows)} trials ({config.search} search, {config.scheduler.upper()} scheduler; "
-        f"{stopped} stopped early, {failed} failed), chosen by {config.metric}. "
-        f"Best trial `{best['trial_id']}`: {chosen} ({config.metric} {_shown(best['score'])} after {best['epochs_run']} epochs). "
+        f"{stopped} stopped early, {failed} failed), ranked by {config.metric} of the epoch each trial registers "
+        f"(its best by validation accuracy). "
+        f"Best trial `{best['trial_id']}`: {chosen} ({config.metric} {_shown(best['score'])} at epoch {best['score_epoch']} "
+        f"of {best['epochs_run']}). "
         f"The pictures and test scores are the best trial's (child run `{best_run_id}`); every trial is in trials.csv."
     )
 
@@ -522,11 +529,18 @@ def _record_best(config: SweepConfig, context: SweepContext, manifest: Manifest,
     # the model version links to the child run: it shows the same pictures
     reports.log_run_report(child_run_id, final, manifest, model, kind="sweep trial")
     console.enter("registration")
-    version, decision = _register_best(config, context, manifest, best, child_run_id, client)
+    version = _register_best(config, context, manifest, best, child_run_id, client)
     best_config = config.trial_config({name: best[name] for name in config.swept()}, f"train-{best['trial_id']}", manifest.root.uri)
-    client.set_model_version_tag(train.register_as, version, "sweep", context.sweep_name)
-    client.set_model_version_tag(train.register_as, version, "best_epoch", str(final.get("best_epoch", best["epochs_run"])))
-    reports.write_model_card(train.register_as, version, child_run_id, final, manifest, model, decision, asdict(best_config))
+
+    def record(decision: registry.GateDecision) -> None:
+        """The version's record, complete before the alias may move to it."""
+        client.set_model_version_tag(train.register_as, version, "sweep", context.sweep_name)
+        client.set_model_version_tag(train.register_as, version, "best_epoch", str(final.get("best_epoch", best["epochs_run"])))
+        reports.write_model_card(train.register_as, version, child_run_id, final, manifest, model, decision, asdict(best_config))
+
+    mlflow.set_tags({"registered_model": train.register_as, "registered_version": version})
+    decision = registry.apply_gate(client, train.register_as, version, train.promote, float(best["test_accuracy"]), manifest.content_hash,
+                                   before_promotion=record)
     return version, decision
 
 
@@ -624,7 +638,6 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
                                 "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows)})
             mlflow.set_tags({"best_trial": best["trial_id"], **best_tags})
             version, decision = _record_best(config, context, manifest, rows, best, last_reports(result_grid)[best["trial_id"]], client)
-            mlflow.set_tags({"registered_model": train.register_as, "registered_version": version})
         except BaseException as exc:
             _upload_log(parent_run_id)  # a failed sweep keeps its log too
             mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -1,7 +1,13 @@
-"""Log the trained model (with its ONNX and int8 variants scored) as an MLflow pyfunc and register it as a new version."""
+"""Log the trained model (with its ONNX and int8 variants scored) as an MLflow pyfunc and register it as a new version.
+
+Once per checkpoint: the version is created with a `source_checkpoint` tag (in the same call),
+and a rerun of the registration of the same run and checkpoint (after a failure at any later
+step) finds that version again instead of registering a second one.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -9,17 +15,35 @@ from mlflow.tracking import MlflowClient
 from pipelines.core import console
 
 INPUT_EXAMPLE = ["A moving story with wonderful acting.", "Dull, predictable and far too long."]
+SOURCE_TAG = "source_checkpoint"
+
+
+@dataclass(frozen=True)
+class Registered:
+    model_uri: str
+    registered_model_version: str
+    rerun: bool  # the version was found from an earlier try, not created now
+
+
+def existing_version(client: MlflowClient, name: str, run_id: str, source: str) -> str | None:
+    """The version of `name` that this run already registered from this checkpoint, if any."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.tags.get(SOURCE_TAG) == source:
+            return str(version.version)
+    return None
 
 
 def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, eval_texts: list[str], eval_labels: list[int],
-              onnx_variants: bool = True):
+              onnx_variants: bool = True, source: str | None = None):
     """The model in `model_dir` as a pyfunc that carries its preprocessing and its ONNX/int8
-    variants (pipelines.inference.variants), each scored on `eval_texts`; registered, scores as version tags.
+    variants (pipelines.inference.variants), each scored on `eval_texts`; registered (tagged with
+    `source`, the checkpoint it came from), scores as version tags.
 
-    Returns (ModelInfo, the variants' scores).
+    Returns (Registered, the variants' scores).
     """
     import tempfile
 
+    import mlflow
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -46,26 +70,37 @@ def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, e
             code_paths=[str(Path(__file__).parents[1])],  # the whole pipelines package
             signature=signature,
             input_example=INPUT_EXAMPLE,
-            registered_model_name=register_as,
             pip_requirements=model_requirements(),
         )
-    if info.registered_model_version:
-        client = MlflowClient()
-        for score in scores:
-            for key, value in score.tags().items():
-                client.set_model_version_tag(register_as, str(info.registered_model_version), key, value)
-        client.set_model_version_tag(register_as, str(info.registered_model_version), "backend.default", default)
-        client.set_model_version_tag(register_as, str(info.registered_model_version), "backend.eval_rows", str(len(texts)))
-    return info, scores
+    # the version and its source tag in one call: a rerun finds it whatever fails after this
+    version = str(mlflow.register_model(info.model_uri, register_as, tags={SOURCE_TAG: source or info.model_uri}).version)
+    client = MlflowClient()
+    for score in scores:
+        for key, value in score.tags().items():
+            client.set_model_version_tag(register_as, version, key, value)
+    client.set_model_version_tag(register_as, version, "backend.default", default)
+    client.set_model_version_tag(register_as, version, "backend.eval_rows", str(len(texts)))
+    return Registered(info.model_uri, version, rerun=False), scores
 
 
 def register_model(model_dir: str, tokenizer_path: str, register_as: str, manifest, max_length: int, truncation: str,
-                   onnx_variants: bool = True):
-    """log_model with the run's preprocessing, scored on the dataset's test split; says so on the console."""
+                   onnx_variants: bool = True, source: str | None = None) -> Registered:
+    """log_model with the run's preprocessing, scored on the dataset's test split; says so on the console.
+
+    Inside the active MLflow run: when that run already registered `source`, its version is returned as it is.
+    """
+    import mlflow
+
     from pipelines.data.datasets import read_split_table
     from pipelines.inference.classifier import InferenceSettings
     from pipelines.inference.variants import MAX_EVAL_ROWS
 
+    run = mlflow.active_run()
+    if source and run is not None:
+        found = existing_version(MlflowClient(), register_as, run.info.run_id, source)
+        if found:
+            console.stage("registration", f"models:/{register_as}/{found} already holds this run's checkpoint (an earlier try): not registered again")
+            return Registered(f"models:/{register_as}/{found}", found, rerun=True)
     test = read_split_table(manifest, "test")
     # minutes on a CPU (export, quantization, three passes over the test sample): say what runs
     rows = min(test.num_rows, MAX_EVAL_ROWS)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 
+from pipelines.core.errors import DataError
 from pipelines.text.model import load_classifier
 from pipelines.training.loop import BestEpoch, unwrap
 
@@ -44,6 +46,20 @@ def best_model_folder(checkpoint_dir: str | Path) -> Path:
     return best if best.is_dir() else Path(checkpoint_dir)
 
 
+def load_training_state(folder: str | Path) -> dict:
+    """The optimizer, scheduler and progress of a checkpoint: tensors and plain values only.
+
+    `weights_only=True`: a checkpoint is read from shared storage, and a pickle that holds code
+    would run it on every worker that resumes from it. Such a file is refused, with its path.
+    """
+    path = Path(folder) / TRAINING_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DataError(f"holds more than tensors and plain values, refused (it could run code when loaded): {reason}", str(path)) from exc
+
+
 def restore(config: dict, rank: int):
     """(model, training state or None, best epoch) from Ray's latest checkpoint, or a fresh start."""
     import ray.train
@@ -53,7 +69,7 @@ def restore(config: dict, rank: int):
         return load_classifier(config["model_path"]), None, BestEpoch()
     with checkpoint.as_directory() as folder:
         model = load_classifier(folder)
-        state = torch.load(Path(folder) / TRAINING_STATE, map_location="cpu", weights_only=False)
+        state = load_training_state(folder)
         best = BestEpoch(**state.get("best", {"epoch": state["epoch"]}))
         if best.epoch != state["epoch"] and (Path(folder) / BEST_MODEL_DIR).is_dir():
             best.weights = load_classifier(Path(folder) / BEST_MODEL_DIR).state_dict()

@@ -268,17 +268,27 @@ def _record_and_register(config, manifest, model_path, run_name, run_id, trackin
     mlflow.set_tags({"best_epoch": str(best_epoch), "stopped_early": str(bool(final.get("stopped_early")))})
     with result.checkpoint.as_directory() as checkpoint_dir:
         model_info = registration.register_model(str(best_model_folder(checkpoint_dir)), model_path, config.register_as, manifest, config.max_length,
-                                                config.truncation, config.onnx_variants)
-    version = str(model_info.registered_model_version) if model_info.registered_model_version else None
+                                                config.truncation, config.onnx_variants, source=resolve(config.storage).uri_of(result.checkpoint.path))
+    version = model_info.registered_model_version
     console.enter("registration")
     decision = None
     if version:
-        decision = registry.apply_gate(
-            MlflowClient(), config.register_as, version, config.promote, float(final["test/accuracy"]), manifest.content_hash
-        )
-        MlflowClient().set_model_version_tag(config.register_as, version, "best_epoch", str(best_epoch))
-        reports.write_model_card(config.register_as, version, run_id, final, manifest, model_name(config.model, model_path).split(" (")[0], decision, asdict(config))
-        mlflow.set_tags({"registered_model": config.register_as, "registered_version": version, "gate.decision": "promoted" if decision.promote else "kept_champion"})
+        client = MlflowClient()
+
+        def record(decision: registry.GateDecision) -> None:
+            """The version's record, complete before the alias may move to it."""
+            client.set_model_version_tag(config.register_as, version, "best_epoch", str(best_epoch))
+            reports.write_model_card(config.register_as, version, run_id, final, manifest, model_name(config.model, model_path).split(" (")[0],
+                                     decision, asdict(config))
+
+        mlflow.set_tags({"registered_model": config.register_as, "registered_version": version})
+        try:
+            decision = registry.apply_gate(client, config.register_as, version, config.promote, float(final["test/accuracy"]),
+                                           manifest.content_hash, before_promotion=record)
+        except registry.GateError:
+            mlflow.set_tag("gate.decision", registry.ERROR)
+            raise
+        mlflow.set_tag("gate.decision", registry.PROMOTED if decision.promote else registry.KEPT)
         verdict = f"promoted to @{registry.CHAMPION}" if decision.promote else f"@{registry.CHAMPION} unchanged"
         console.stage("registration", f"models:/{config.register_as}/{version}: {verdict} ({decision.reason})")
     return TrainingOutcome(

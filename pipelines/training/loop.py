@@ -276,12 +276,13 @@ class BestEpoch:
     epoch: int = -1
     accuracy: float = -math.inf
     loss: float = math.inf
+    f1: float = math.nan
     weights: dict | None = None  # a CPU copy
 
     def offer(self, epoch: int, val: dict, model: torch.nn.Module, keep_copy: bool) -> bool:
         better = val["accuracy"] > self.accuracy
         if better:
-            self.epoch, self.accuracy, self.loss = epoch, val["accuracy"], val["loss"]
+            self.epoch, self.accuracy, self.loss, self.f1 = epoch, val["accuracy"], val["loss"], val.get("f1", math.nan)
             self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()} if keep_copy else None
         return better
 
@@ -289,7 +290,7 @@ class BestEpoch:
         return patience is not None and epoch - self.epoch >= patience
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "accuracy": self.accuracy, "loss": self.loss}
+        return {"epoch": self.epoch, "accuracy": self.accuracy, "loss": self.loss, "f1": self.f1}
 
 
 def shard_steps(shard, plan: BatchPlan, seed: int, epoch: int, rank: int) -> Iterator[list[Batch]]:

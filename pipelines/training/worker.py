@@ -170,5 +170,7 @@ def _final_metrics(model, best: BestEpoch, epoch: int, config: dict, device, sto
         **{f"test/{k}": v for k, v in test.items()},
         "best_epoch": best.epoch + 1,
         "best/val_accuracy": best.accuracy,
+        "best/val_loss": best.loss,  # the registered epoch's figures: a sweep ranks its trials by them
+        "best/val_f1": best.f1,
         "stopped_early": int(stopped_early),
     }

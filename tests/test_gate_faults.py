@@ -1,0 +1,207 @@
+"""The champion gate fails closed, proved against a real MLflow server with faults injected.
+
+A real MLflow server (tests/services.py, SQLite behind it) and, in front of it, a proxy
+(tests/fault_proxy.py) that answers one call of the gate with a 503, holds it past the
+client's timeout, or resets the connection. For every call the gate makes and every fault:
+nothing is promoted that was not compared and did not win, the version says what happened
+(`gate.decision=error` and the reason), and the error is one line. Then two registrations that
+finish together, and `python -m pipelines.promote` run as a user would, with the registry down
+and back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import registry
+from tests.fault_proxy import Fault, FaultProxy
+from tests.services import MlflowServer
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = "d" * 64
+# the gate's calls to the registry, by REST endpoint
+CALLS = {
+    "read the model (its aliases)": ("GET", "/registered-models/get"),
+    "read the champion version": ("GET", "/model-versions/get"),
+    "write a version tag": ("POST", "/model-versions/set-tag"),
+    "move the alias": ("POST", "/registered-models/alias"),
+}
+FAULTS = ("503", "timeout", "reset")
+CLIENT_TIMEOUT_S = 1  # MLFLOW_HTTP_REQUEST_TIMEOUT in these tests: the proxy holds a "timeout" for 6 s
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def gate_server(tmp_path_factory):
+    """A real MLflow server and the fault proxy in front of it: (direct URI, proxy)."""
+    workdir = tmp_path_factory.mktemp("gate-mlflow")
+    with MlflowServer(workdir, f"sqlite:///{workdir / 'mlflow.db'}", str(workdir / "artifacts")) as server:
+        proxy = FaultProxy(server.uri).start()
+        yield server.uri, proxy
+        proxy.stop()
+
+
+@pytest.fixture
+def fast_failing_client(monkeypatch):
+    """The MLflow client as the platform runs it, minus the retries (a fault is one answer here)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(CLIENT_TIMEOUT_S))
+
+
+def client_of(uri: str) -> MlflowClient:
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def model_with_champion(direct: MlflowClient, champion_accuracy: float, *candidates: float) -> tuple[str, list[str]]:
+    """A registered model whose v1 is @champion at `champion_accuracy`, and a version per candidate (untagged)."""
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    direct.create_registered_model(name)
+    versions = []
+    for _ in range(1 + len(candidates)):
+        versions.append(str(direct.create_model_version(name, source=f"s3://models/{name}", run_id=None).version))
+    direct.set_model_version_tag(name, versions[0], registry.ACCURACY_TAG, f"{champion_accuracy:.6f}")
+    direct.set_model_version_tag(name, versions[0], registry.DATASET_TAG, DATASET)
+    direct.set_registered_model_alias(name, registry.CHAMPION, versions[0])
+    return name, versions[1:]
+
+
+def champion_of(direct: MlflowClient, name: str) -> str:
+    return str(direct.get_model_version_by_alias(name, registry.CHAMPION).version)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_registry_fault_at_any_call_of_the_gate_promotes_nothing(gate_server, fast_failing_client, call, fault):
+    uri, proxy = gate_server
+    direct = client_of(uri)
+    name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
+    method, path = CALLS[call]
+    proxy.arm(Fault(method, path, fault, hang_s=CLIENT_TIMEOUT_S * 3))
+    with pytest.raises(registry.GateError) as error:
+        registry.apply_gate(client_of(proxy.url), name, candidate, "auto", 0.80, DATASET)
+    assert proxy.fired(), f"the {fault} on {call} never fired: {proxy.log}"
+    proxy.clear()
+    message = str(error.value)
+    assert "\n" not in message and "not promoted" in message and f"pipelines.promote --model-name {name} --version {candidate}" in message
+    # the candidate was better: but it was not compared and recorded whole, so it must not be champion ...
+    assert champion_of(direct, name) == "1", f"{call} answered {fault}: the alias moved anyway"
+    # ... and it says why (the fault hit one call; the tag after it went through)
+    tags = direct.get_model_version(name, candidate).tags
+    assert tags[registry.DECISION_TAG] == registry.ERROR, tags
+    assert tags["gate.reason"], tags
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_after_the_alias_moved_leaves_a_champion_that_was_compared_and_won(gate_server, fast_failing_client, fault):
+    """The read-back after the move fails: the move stands (the candidate beat the champion it read), the run still fails."""
+    uri, proxy = gate_server
+    direct = client_of(uri)
+    name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
+    # the first read of the model after the alias moved: the read-back
+    proxy.arm(Fault("GET", "/registered-models/get", fault, after="/registered-models/alias", hang_s=CLIENT_TIMEOUT_S * 3))
+    with pytest.raises(registry.GateError):
+        registry.apply_gate(client_of(proxy.url), name, candidate, "auto", 0.80, DATASET)
+    assert proxy.fired()
+    proxy.clear()
+    assert champion_of(direct, name) == candidate
+    tags = direct.get_model_version(name, candidate).tags
+    assert tags["gate.champion_version"] == "1" and float(tags["gate.candidate_accuracy"]) > float(tags["gate.champion_accuracy"])
+    assert tags[registry.DECISION_TAG] == registry.ERROR
+    # the gate run again once the registry answers: the version is champion already, and says so
+    decision = registry.apply_gate(client_of(uri), name, candidate, "auto", 0.80, DATASET)
+    assert decision.promote and direct.get_model_version(name, candidate).tags[registry.DECISION_TAG] == registry.PROMOTED
+
+
+def test_the_registry_down_for_good_promotes_nothing(gate_server, fast_failing_client):
+    uri, proxy = gate_server
+    direct = client_of(uri)
+    name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
+    proxy.arm(Fault("GET", "/", "503", times=None), Fault("POST", "/", "503", times=None))
+    with pytest.raises(registry.GateError, match="not promoted"):
+        registry.apply_gate(client_of(proxy.url), name, candidate, "auto", 0.80, DATASET)
+    proxy.clear()
+    assert champion_of(direct, name) == "1"
+    assert registry.DECISION_TAG not in direct.get_model_version(name, candidate).tags, "no tag could be written; none was"
+
+
+def test_the_record_is_written_before_the_alias_moves(gate_server):
+    """The model card (before_promotion) fails: the alias has not moved."""
+    uri, _ = gate_server
+    direct = client_of(uri)
+    name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
+
+    def card_fails(decision):
+        raise OSError("the model card could not be written")
+
+    with pytest.raises(registry.GateError, match="model card"):
+        registry.apply_gate(client_of(uri), name, candidate, "auto", 0.80, DATASET, before_promotion=card_fails)
+    assert champion_of(direct, name) == "1"
+
+
+@pytest.mark.parametrize("first", ["better", "worse"])
+def test_two_registrations_finishing_together_leave_the_better_as_champion(gate_server, first):
+    uri, _ = gate_server
+    direct = client_of(uri)
+    name, (better, worse) = model_with_champion(direct, 0.60, 0.80, 0.70)
+    accuracy = {better: 0.80, worse: 0.70}
+    order = [better, worse] if first == "better" else [worse, better]
+    start, errors, decisions = threading.Barrier(2), [], {}
+
+    def register(version: str) -> None:
+        start.wait()
+        try:
+            decisions[version] = registry.apply_gate(client_of(uri), name, version, "auto", accuracy[version], DATASET)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(version,)) for version in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert champion_of(direct, name) == better
+    assert direct.get_model_version(name, better).tags[registry.DECISION_TAG] == registry.PROMOTED
+    # the worse either lost at once, or held the alias for a moment and says who took it
+    tags = direct.get_model_version(name, worse).tags
+    assert tags[registry.DECISION_TAG] == registry.KEPT or tags.get(registry.SUPERSEDED_TAG) == better, tags
+
+
+def promote_cli(uri: str, name: str, version: str, storage: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CLIENT_TIMEOUT_S)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.promote", "--model-name", name, "--version", version, "--tracking-uri", uri, "--storage", str(storage)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_promote_cli_fails_closed_then_promotes_once_the_registry_answers(gate_server, tmp_path):
+    uri, proxy = gate_server
+    direct = client_of(uri)
+    name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
+    # its figures were written before the registry failed (the gate's first step)
+    direct.set_model_version_tag(name, candidate, registry.ACCURACY_TAG, "0.800000")
+    direct.set_model_version_tag(name, candidate, registry.DATASET_TAG, DATASET)
+    proxy.arm(Fault("GET", "/registered-models/get", "503", times=None))
+    down = promote_cli(proxy.url, name, candidate, tmp_path)
+    proxy.clear()
+    assert down.returncode == 1, down.stdout + down.stderr
+    error = [line for line in down.stderr.splitlines() if line.strip()][0]
+    assert error.startswith("error: the gate could not check") and "not promoted" in error, down.stderr
+    assert "Traceback" not in down.stdout + down.stderr
+    assert champion_of(direct, name) == "1"
+
+    # the registry answers again: the version's own figures decide
+    up = promote_cli(uri, name, candidate, tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"models:/{name}/{candidate}: promoted to @champion" in up.stdout + up.stderr
+    assert champion_of(direct, name) == candidate
