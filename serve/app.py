@@ -45,7 +45,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from ray import serve
@@ -474,6 +474,14 @@ def build_app(
     return ingress.bind(model, serving.as_user_config(), asdict(retry or RetryPolicy()), calls)
 
 
+def without_credentials(source: ModelSource) -> ModelSource:
+    """The source with a tracking URI that holds no password (it goes to the deployment's config,
+    which Ray shows): the password goes to the variable MLflow's client or libpq reads instead."""
+    from pipelines.tracking.store_uri import take_credentials
+
+    return replace(source, tracking_uri=take_credentials(source.tracking_uri))
+
+
 def check_model_exists(source: ModelSource, serving: ServingConfig) -> str:
     """Fail on the driver, with a message, rather than in crash-looping replicas; returns the version."""
     from serve.model_store import ModelSelector, ModelStore
@@ -489,6 +497,7 @@ def app_builder(args: dict | None = None) -> Application:
     Its HTTP address is the Serve config's (serve/config.yaml: 0.0.0.0), so it needs a key or `allow_anonymous: true`.
     """
     source, serving = split_app_args(args)
+    source = without_credentials(source)
     refuse_open_endpoint(load_api_key(), serving.allow_anonymous, "serve.app:app_builder (the app of a Serve config)")
     check_model_exists(source, serving)
     return build_app(source, serving)
@@ -523,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's output on the console too (it always goes to the log file)")
     args = parser.parse_args(argv)
     source, serving, scaling = (from_namespace(cls, args) for cls in (ModelSource, ServingConfig, ScalingSettings))
+    source = without_credentials(source)
     # before Ray starts: a bad key or setting is one line and exit 2, not a failed deployment
     api_key = load_api_key()
     if not is_loopback(args.host):

@@ -285,10 +285,12 @@ class PostgresServer:
 
     superuser = "postgres"
 
-    def __init__(self, workdir: Path, database: str = "mlflow", user: str = "mlflow", *, start_timeout_s: float = 60) -> None:
+    def __init__(self, workdir: Path, database: str = "mlflow", user: str = "mlflow", *, start_timeout_s: float = 60,
+                 password: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.database = database
         self.user = user
+        self.password = password  # given: `user` must log in with it over TCP (scram-sha-256), as on a real server
         self.start_timeout_s = start_timeout_s
         self.root = self.workdir / "postgres"
         self.data_dir = self.root / "data"
@@ -356,6 +358,8 @@ class PostgresServer:
             self._running = True
             if fresh:
                 self._create_role_and_database()
+                if self.password is not None:
+                    self._require_password(bin_dir)
         except BaseException:
             self.stop()
             raise
@@ -364,7 +368,8 @@ class PostgresServer:
     def _connect(self, user: str, database: str):
         import psycopg2
 
-        return psycopg2.connect(host=HOST, port=self.port, user=user, dbname=database, connect_timeout=10)
+        password = self.password if user == self.user else None
+        return psycopg2.connect(host=HOST, port=self.port, user=user, dbname=database, password=password, connect_timeout=10)
 
     def _create_role_and_database(self) -> None:
         from psycopg2 import sql
@@ -376,11 +381,19 @@ class PostgresServer:
                 cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.user,))
                 if cursor.fetchone() is None:
                     cursor.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(self.user)))
+                if self.password is not None:
+                    cursor.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(self.user)), (self.password,))
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
                 if cursor.fetchone() is None:
                     cursor.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(self.database), sql.Identifier(self.user)))
         finally:
             connection.close()
+
+    def _require_password(self, bin_dir: Path) -> None:
+        """`user` over TCP: password (scram-sha-256) from now on; the superuser keeps trust (the tests' own handle)."""
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(f"host all {self.user} {HOST}/32 scram-sha-256\n" + hba.read_text())
+        self._run([str(bin_dir / "pg_ctl"), "-D", str(self.data_dir), "reload"], timeout_s=30, what="pg_ctl reload")
 
     def query(self, sql: str, params=None) -> list[tuple]:
         """Run one statement as `user` in `database`; the rows it returns (none: [])."""

@@ -222,13 +222,15 @@ def test_an_mlflow_server_that_does_not_answer_gives_one_line(monkeypatch):
         store_uri.configure("/tmp/unused", "http://127.0.0.1:9")
 
 
-def test_a_database_that_refuses_the_connection_gives_one_line_without_the_password():
+def test_a_database_that_refuses_the_connection_gives_one_line_without_the_password(monkeypatch):
     from pipelines.core.errors import ConfigError
     from pipelines.tracking import store_uri
 
-    with pytest.raises(ConfigError, match=r"postgresql://mlflow:\*\*\*@127.0.0.1:9/mlflow: cannot connect .*refused") as error:
+    monkeypatch.setenv("PGPASSWORD", "")  # the password moves here: put back unset after the test
+    with pytest.raises(ConfigError, match=r"postgresql://mlflow@127.0.0.1:9/mlflow: cannot connect .*refused") as error:
         store_uri.configure("/tmp/unused", "postgresql://mlflow:s3cret@127.0.0.1:9/mlflow")
     assert "s3cret" not in str(error.value)
+    assert os.environ["PGPASSWORD"] == "s3cret", "libpq reads the password from PGPASSWORD, not from a URI that gets recorded"
 
 
 def test_wrong_credentials_give_one_line_naming_the_uri(corpus, tmp_path, monkeypatch):

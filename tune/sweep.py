@@ -560,6 +560,8 @@ def saved_ended_trials(result_grid) -> int:
 
 
 def run_sweep(config: SweepConfig) -> SweepOutcome:
+    # before the settings go anywhere (MLflow params of the sweep and its trials, Ray's trial configs)
+    config = replace(config, train=replace(config.train, tracking_uri=store_uri.take_credentials(config.train.tracking_uri)))
     train = config.train
     console.enter("data")
     resolve(train.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work

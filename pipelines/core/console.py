@@ -25,6 +25,8 @@ from typing import Iterator, TextIO
 
 from tqdm import tqdm
 
+from pipelines.core.credentials import mask
+
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # a bar redraws at most this often on a terminal; in a pipe (CI logs, `| tee`) it
@@ -64,6 +66,7 @@ def hold_output_until_exit() -> None:
 
 def tell(line: str) -> None:
     """A line for the person after the session ended (the error lines): stderr of the terminal."""
+    line = mask(line)  # an error's text may quote a URI with its password
     stream = _HELD_TERMINALS[1] if _HELD_TERMINALS else sys.stderr
     stream.write(line + "\n")
     stream.flush()
@@ -97,6 +100,7 @@ def current_stage() -> str | None:
 
 def say(line: str) -> None:
     """A line for the person at the terminal (and the log file)."""
+    line = mask(line)
     if _SESSION is None or not _SESSION.redirected:
         print(line, flush=True)
         return

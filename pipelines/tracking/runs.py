@@ -17,7 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipelines.core.errors import ConfigError
-from pipelines.tracking.store_uri import without_password
+from pipelines.core.credentials import mask
 
 STEP_LOSS = "train/step_loss"
 # what the training-curves picture draws
@@ -38,7 +38,7 @@ def ensure_experiment(name: str, artifact_root: str | None) -> str:
     except (MlflowException, SQLAlchemyError) as exc:
         # a database URI used directly (postgresql://...) that refuses us, a server in trouble
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"MLflow tracking store {without_password(mlflow.get_tracking_uri())}: {first_line[:300]}") from exc
+        raise ConfigError(f"MLflow tracking store {mask(mlflow.get_tracking_uri())}: {first_line[:300]}") from exc
 
 
 def start_or_resume_run(marker, *, resume: bool, experiment_id: str, run_name: str, kind: str, name_flag: str, log_system_metrics: bool = False) -> str:

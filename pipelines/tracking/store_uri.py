@@ -8,12 +8,13 @@ that cluster.yaml starts.
 
 from __future__ import annotations
 
-import re
+import os
 from pathlib import Path
 
 import mlflow
 
-from pipelines.core import console, tracking_env
+from pipelines.core import console, credentials, tracking_env
+from pipelines.core.credentials import mask
 from pipelines.core.errors import ConfigError
 from pipelines.core.storage import DEFAULT_STORAGE, is_remote, resolve
 
@@ -27,11 +28,22 @@ def local_store(storage: str) -> tuple[str, str]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
 
+def take_credentials(tracking_uri: str | None) -> str | None:
+    """--tracking-uri and $MLFLOW_TRACKING_URI without their passwords, which go to the variables
+    the clients read (pipelines.core.credentials): call it before the URI is recorded anywhere."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env:
+        os.environ["MLFLOW_TRACKING_URI"] = credentials.take_credentials(from_env)
+    return credentials.take_credentials(tracking_uri)
+
+
 def configure(storage: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """Point MLflow at --tracking-uri, else $MLFLOW_TRACKING_URI, else the local store.
 
-    Returns (tracking URI, artifact root for new experiments or None for the server's own).
+    Returns (tracking URI, artifact root for new experiments or None for the server's own);
+    a password in either URI is moved to the environment first (`take_credentials`).
     """
+    tracking_uri = take_credentials(tracking_uri)
     from_env = tracking_env.users_tracking_uri()
     uri = tracking_uri or from_env
     artifact_root = None
@@ -64,11 +76,16 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:  # as MLflow's client sends them
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"/health answered HTTP {response.status}"
@@ -76,7 +93,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         problem = f"/health answered HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
-    raise ConfigError(f"MLflow tracking server {uri}: not reachable ({problem}); is it up, and is MLFLOW_TRACKING_URI right?")
+    raise ConfigError(f"MLflow tracking server {mask(uri)}: not reachable ({mask(str(problem))}); is it up, and is MLFLOW_TRACKING_URI right?")
 
 
 def _check_database(uri: str) -> None:
@@ -91,12 +108,7 @@ def _check_database(uri: str) -> None:
         engine.dispose()
     except (SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"MLflow tracking store {without_password(uri)}: cannot connect ({reason[:300]})") from exc
-
-
-def without_password(uri: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (safe to print)."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+        raise ConfigError(f"MLflow tracking store {mask(uri)}: cannot connect ({mask(reason[:300])})") from exc
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -159,6 +159,8 @@ def _explain_failure(exc: Exception, config: TrainConfig) -> TrainingFailed:
 
 def run_training(config: TrainConfig, loop_overrides: dict | None = None) -> TrainingOutcome:
     """Train, record and register; `loop_overrides` adds keys to the worker config (test hooks)."""
+    # before the settings go anywhere (MLflow params, train_settings.json, checkpoints, workers)
+    config = replace(config, tracking_uri=store_uri.take_credentials(config.tracking_uri))
     console.enter("data")
     resolve(config.storage).check_usable()  # a wrong endpoint, key or bucket: one line, before any work
     manifest = resolve_dataset(config)
