@@ -6,7 +6,8 @@
 
 Every request is forwarded as it came unless an armed fault matches it (method, and a
 piece of the path): then, instead of forwarding, the proxy answers 503, hangs past the
-client's timeout, or resets the connection. A fault fires on the `skip`+1-th match (counted
+client's timeout, resets the connection, or kills the client process (`kill -9`, as a crash
+at that step). A fault fires on the `skip`+1-th match (counted
 from when a request matching `after` went through, if given) and then `times` times (None: for
 good). What it did is in `proxy.log`: (method, path, action).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-ACTIONS = ("503", "timeout", "reset")
+ACTIONS = ("503", "timeout", "reset", "kill")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Fault:
     times: int | None = 1  # how many it hits; None: every one after the skipped
     hang_s: float = 6.0  # "timeout": how long the proxy holds the request before dropping it
     after: str | None = None  # armed only once a request whose path holds this has gone through
+    kill_pid: int | None = None  # "kill": the client process to SIGKILL instead of answering (kill -9 mid-step)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -117,6 +121,12 @@ class FaultProxy:
                     return
                 if action == "timeout":
                     time.sleep(self._fault_hang())
+                    self.close_connection = True
+                    return
+                if action == "kill":
+                    victim = next((f.kill_pid for f in proxy.faults if f.action == "kill" and f.kill_pid), None)
+                    if victim:
+                        os.kill(victim, signal.SIGKILL)
                     self.close_connection = True
                     return
                 if action == "reset":

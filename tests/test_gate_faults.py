@@ -6,7 +6,8 @@ client's timeout, or resets the connection. For every call the gate makes and ev
 nothing is promoted that was not compared and did not win, the version says what happened
 (`gate.decision=error` and the reason), and the error is one line. Then two registrations that
 finish together, and `python -m pipelines.promote` run as a user would, with the registry down
-and back.
+and back. Last, a registration killed (kill -9) at each of its steps and run again: one version
+of the run, whole and promoted (a job of the lane beside the other tests, tests/lane.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.tracking import registry
 from tests.fault_proxy import Fault, FaultProxy
+from tests.lane import lane_result
 from tests.services import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +63,15 @@ def client_of(uri: str) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
-def model_with_champion(direct: MlflowClient, champion_accuracy: float, *candidates: float) -> tuple[str, list[str]]:
-    """A registered model whose v1 is @champion at `champion_accuracy`, and a version per candidate (untagged)."""
+def model_with_champion(direct: MlflowClient, champion_accuracy: float, *candidates: float, dataset: str = DATASET) -> tuple[str, list[str]]:
+    """A registered model whose v1 is @champion at `champion_accuracy` on `dataset`, and a version per candidate (untagged)."""
     name = f"gate-{uuid.uuid4().hex[:8]}"
     direct.create_registered_model(name)
     versions = []
     for _ in range(1 + len(candidates)):
         versions.append(str(direct.create_model_version(name, source=f"s3://models/{name}", run_id=None).version))
     direct.set_model_version_tag(name, versions[0], registry.ACCURACY_TAG, f"{champion_accuracy:.6f}")
-    direct.set_model_version_tag(name, versions[0], registry.DATASET_TAG, DATASET)
+    direct.set_model_version_tag(name, versions[0], registry.DATASET_TAG, dataset)
     direct.set_registered_model_alias(name, registry.CHAMPION, versions[0])
     return name, versions[1:]
 
@@ -205,3 +207,77 @@ def test_promote_cli_fails_closed_then_promotes_once_the_registry_answers(gate_s
     assert up.returncode == 0, up.stdout + up.stderr
     assert f"models:/{name}/{candidate}: promoted to @champion" in up.stdout + up.stderr
     assert champion_of(direct, name) == candidate
+
+
+# --- kill -9 at each step of registration and the gate, then the same again -----------------
+
+# where the process dies: (what, the fault that kills it when its request reaches the proxy)
+KILL_POINTS = {
+    "creating the version": dict(method="POST", path_part="/model-versions/create"),
+    "writing the version's figures": dict(method="POST", path_part="/model-versions/set-tag"),
+    "writing the gate's tags": dict(method="POST", path_part="/model-versions/set-tag", skip=3),
+    "moving the alias": dict(method="POST", path_part="/registered-models/alias"),
+    "reading the alias back": dict(method="GET", path_part="/registered-models/get", after="/registered-models/alias"),
+}
+
+
+def register_and_gate(uri: str, run_id: str, model: str, manifest: str, name: str, env: dict, proxy: FaultProxy | None = None,
+                      kill_at: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "tests" / "scenarios" / "register_and_gate.py"), uri, run_id, model, manifest, name, "0.9"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_at is not None:
+        proxy.arm(Fault(action="kill", kill_pid=process.pid, **kill_at))
+    output, _ = process.communicate(timeout=240)
+    if proxy is not None:
+        proxy.clear()
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def killed_mid_registration(workdir: Path, env: dict) -> dict:
+    """For each kill point: a run's registration killed there, then run again; what the registry holds after."""
+    env = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    setup = (
+        "import sys; from pathlib import Path; from tests.tiny_model import build_tiny_model; "
+        "from pipelines.data.sample_corpus import write_sample_corpus; from pipelines.data.prepare import prepare_dataset; "
+        "from pipelines.data.settings import PrepareConfig; w = Path(sys.argv[1]); build_tiny_model(w / 'tiny-bert'); "
+        "raw = write_sample_corpus(w / 'raw', train_per_label=40, test_per_label=40, seed=5); "
+        "m = prepare_dataset(PrepareConfig(source=str(raw), storage=str(w / 'storage'), progress=False)).manifest; "
+        "print(m.uri, m.content_hash)"
+    )
+    prepared = subprocess.run([sys.executable, "-c", setup, str(workdir)], cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+    (manifest, dataset), model = prepared.stdout.strip().splitlines()[-1].split(), str(workdir / "tiny-bert")
+    outcomes = {}
+    with MlflowServer(workdir / "mlflow", f"sqlite:///{workdir / 'mlflow.db'}", str(workdir / "artifacts")) as server:
+        proxy = FaultProxy(server.uri).start()
+        direct = client_of(server.uri)
+        experiment = direct.create_experiment("killed-registrations")
+        try:
+            for point, fault in KILL_POINTS.items():
+                name, _ = model_with_champion(direct, 0.50, dataset=dataset)
+                run_id = direct.create_run(experiment).info.run_id
+                killed = register_and_gate(proxy.url, run_id, model, manifest, name, env, proxy, fault)
+                again = register_and_gate(server.uri, run_id, model, manifest, name, env)
+                versions = direct.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                outcomes[point] = {
+                    "killed_exit": killed.returncode, "again_exit": again.returncode, "again_output": again.stdout[-3000:],
+                    "versions": [str(v.version) for v in versions], "tags": [dict(v.tags) for v in versions],
+                    "champion": champion_of(direct, name),
+                }
+        finally:
+            proxy.stop()
+    return outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.lane(killed_mid_registration, timeout_s=600)
+def test_a_registration_killed_at_any_step_then_run_again_leaves_one_whole_promoted_version(request):
+    outcomes = lane_result(request, killed_mid_registration)
+    assert set(outcomes) == set(KILL_POINTS)
+    for point, outcome in outcomes.items():
+        assert outcome["killed_exit"] == -9, f"{point}: the process was not killed there ({outcome})"
+        assert outcome["again_exit"] == 0, f"{point}: the rerun failed:\n{outcome['again_output']}"
+        assert len(outcome["versions"]) == 1, f"{point}: the run has versions {outcome['versions']} (one expected)"
+        (version,), (tags,) = outcome["versions"], outcome["tags"]
+        assert tags[registry.DECISION_TAG] == registry.PROMOTED and "backend.default" in tags, f"{point}: {tags}"
+        assert outcome["champion"] == version, f"{point}: @champion is v{outcome['champion']}, not the better v{version}"

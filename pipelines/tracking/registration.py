@@ -1,6 +1,7 @@
 """Log the trained model (with its ONNX and int8 variants scored) as an MLflow pyfunc and register it as a new version.
 
-Once per checkpoint: the version is created with a `source_checkpoint` tag (in the same call),
+Once per checkpoint: the version is created with a `source_checkpoint` tag and its backends'
+figures (in the same call),
 and a rerun of the registration of the same run and checkpoint (after a failure at any later
 step) finds that version again instead of registering a second one.
 """
@@ -72,14 +73,12 @@ def log_model(model_dir: str, tokenizer_path: str, register_as: str, settings, e
             input_example=INPUT_EXAMPLE,
             pip_requirements=model_requirements(),
         )
-    # the version and its source tag in one call: a rerun finds it whatever fails after this
-    version = str(mlflow.register_model(info.model_uri, register_as, tags={SOURCE_TAG: source or info.model_uri}).version)
-    client = MlflowClient()
+    # the version with its source and backend tags in one call: never a version without them,
+    # and a rerun finds it by its source whatever fails after this
+    tags = {SOURCE_TAG: source or info.model_uri, "backend.default": default, "backend.eval_rows": str(len(texts))}
     for score in scores:
-        for key, value in score.tags().items():
-            client.set_model_version_tag(register_as, version, key, value)
-    client.set_model_version_tag(register_as, version, "backend.default", default)
-    client.set_model_version_tag(register_as, version, "backend.eval_rows", str(len(texts)))
+        tags.update(score.tags())
+    version = str(mlflow.register_model(info.model_uri, register_as, tags=tags).version)
     return Registered(info.model_uri, version, rerun=False), scores
 
 
@@ -107,7 +106,7 @@ def register_model(model_dir: str, tokenizer_path: str, register_as: str, manife
     console.stage("registration", f"ONNX export and int8 quantization, then torch, onnx and onnx-int8 each scored on {rows} test reviews"
                   if onnx_variants else f"torch alone (--no-onnx-variants), scored on {rows} test reviews")
     info, scores = log_model(model_dir, tokenizer_path, register_as, InferenceSettings(max_length, truncation),
-                             test.column("text").to_pylist(), test.column("label").to_pylist(), onnx_variants)
+                             test.column("text").to_pylist(), test.column("label").to_pylist(), onnx_variants, source)
     console.stage("registration", "backends on {} test reviews: {}".format(scores[0].rows, "; ".join(
         f"{s.backend} accuracy {s.accuracy:.4f}, agreement {s.agreement:.3f}, {s.texts_per_s:.0f}/s{'' if s.usable else ' (unusable)'}" for s in scores)))
     return info
