@@ -160,8 +160,19 @@ class LoadedModel:
 
 
 def pick_device() -> torch.device:
-    """The GPU when this process has one (Ray sets CUDA_VISIBLE_DEVICES per replica), else CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU when Ray gave this process one, else CPU.
+
+    Not `torch.cuda.is_available()` alone: a replica that asked Ray for no GPU still sees the
+    node's GPUs, and one of them may be a training worker's (cluster.yaml: the head has no
+    CPUs for Serve, so CPU replicas land on GPU nodes). Outside Ray (a bare benchmark): whatever torch sees.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 class ModelStore:

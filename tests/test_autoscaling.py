@@ -81,6 +81,23 @@ def test_use_gpu_auto_stays_on_cpus_when_no_node_type_has_gpus(autoscaler):
         assert calls[0] == [{"CPU": 1.0}]
 
 
+def test_use_gpu_auto_fails_when_the_gpus_it_waited_for_never_came_unless_cpu_fallback_is_asked(autoscaler, monkeypatch):
+    from pipelines.core.errors import ConfigError
+
+    calls, cluster = autoscaler
+    cluster["max_gpus"] = 8.0
+    monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "0")
+    monkeypatch.setattr(cluster_autoscaler.time, "sleep", lambda s: None)  # the GPU nodes never come
+    config = TrainConfig(num_workers=2, batch_size=16, use_gpu="auto")
+    with resources.requested_resources(config):
+        with pytest.raises(ConfigError, match=r"--use-gpu auto: the cluster can add 8 GPUs but has 0 after waiting 0 s for 2; .*--cpu-fallback"):
+            resources.plan_resources(config, tokenized_up_front=False)
+    fallback = TrainConfig(num_workers=2, batch_size=16, use_gpu="auto", cpu_fallback=True)
+    cluster["CPU"] = 8.0
+    with resources.requested_resources(fallback):
+        assert not resources.plan_resources(fallback, tokenized_up_front=False).use_gpu
+
+
 def test_the_wait_is_bounded(autoscaler, monkeypatch, caplog):
     calls, cluster = autoscaler
     monkeypatch.setenv("PLATFORM_RESOURCE_WAIT_S", "0")

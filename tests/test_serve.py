@@ -727,3 +727,23 @@ def test_a_registry_poll_during_a_pinning_reconfigure_does_not_swap_the_pin_back
     assert replica._selector == pinned
     assert replica.store.current.version == "2", "the poll swapped the pinned version back to the alias's"
     assert replica.store.loads == [pinned], "the poll loaded something although a version is pinned"
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_without_a_gpu_from_ray_runs_on_cpu_even_where_it_sees_one(monkeypatch):
+    """The device follows what Ray assigned: seeing a GPU is not owning it (it may be a training worker's)."""
+    import ray
+    import torch
+
+    from serve.model_store import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert pick_device().type == "cpu"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    assert pick_device().type == "cuda"
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # no Ray (a bare benchmark): what torch sees
+    assert pick_device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device().type == "cpu"

@@ -428,3 +428,40 @@ def test_a_checkpoint_that_holds_code_is_refused_not_run(tmp_path, tiny_model_di
         load_training_state(folder)
     assert str(folder / TRAINING_STATE) in str(refused.value)
     assert not ran.exists(), "loading the checkpoint ran its code"
+
+
+def test_precision_follows_what_the_device_computes_natively(monkeypatch):
+    """bf16 from compute capability 8.0 (A100, L4, H100); fp16 with a gradient scaler below it (T4, V100,
+    where is_bf16_supported() says yes by slow emulation); fp32 on CPU."""
+    from pipelines.training.loop import autocast_for, grad_scaler_for, precision_for
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert precision_for(cpu) == "fp32" and grad_scaler_for(cpu) is None
+    for capability, expected in [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # T4 and V100 say so too
+        assert precision_for(gpu) == expected, capability
+        autocast = autocast_for(gpu)
+        assert autocast.fast_dtype == (torch.bfloat16 if expected == "bf16" else torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert grad_scaler_for(gpu) is not None
+
+
+def test_train_epoch_with_a_gradient_scaler_scales_the_loss_and_unscales_before_clipping(tiny_model_dir):
+    """The fp16 path's bookkeeping, run on CPU with a scaler (torch.amp.GradScaler("cpu")): the steps happen."""
+    import numpy as np
+
+    from pipelines.text.model import load_classifier
+    from pipelines.training.loop import build_optimizer, build_scheduler, train_epoch
+
+    model = load_classifier(tiny_model_dir)
+    config = {"pad_token_id": 0, "batch_size": 4, "grad_accum": 1, "train_rows": 8, "epochs": 1, "warmup_ratio": 0.0,
+              "max_grad_norm": 1.0, "max_steps_per_epoch": None}
+    optimizer = build_optimizer(model, 1e-3, 0.0)
+    scheduler = build_scheduler(optimizer, config, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    micro = {"input_ids": [np.array([101, 2204, 102]), np.array([101, 2919, 2204, 102])] * 2, "label": np.array([0, 1, 0, 1])}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    totals = train_epoch(model, optimizer, scheduler, [[micro], [micro]], config, torch.device("cpu"), scaler=scaler)
+    assert totals.optimizer_steps == 2 and scaler.get_scale() > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "the scaled steps changed no weight"

@@ -89,11 +89,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, world_size: 
     return get_linear_schedule_with_warmup(optimizer, int(config["warmup_ratio"] * total_steps), total_steps)
 
 
+def precision_for(device: torch.device) -> str:
+    """bf16 where the GPU computes in it natively (compute capability >= 8.0: A100, L4, H100...),
+    fp16 with a gradient scaler on older GPUs (T4, V100: `torch.cuda.is_bf16_supported()` says yes
+    there too, by emulation, and slowly), fp32 on CPU (bf16 is slower there)."""
+    if device.type != "cuda":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
 def autocast_for(device: torch.device):
-    """bf16 autocast on GPUs that support it; full precision on CPU (bf16 is slower there)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    precision = precision_for(device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler_for(device: torch.device):
+    """fp16 needs its loss scaled (small gradients underflow); None for bf16 and fp32."""
+    return torch.amp.GradScaler("cuda") if precision_for(device) == "fp16" else None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -125,8 +140,10 @@ def train_epoch(
     device: torch.device,
     world_size: int = 1,
     progress: Callable[[EpochTotals], None] | None = None,
+    scaler=None,
 ) -> EpochTotals:
     """One epoch over `steps` (lists of numpy micro-batches); returns this worker's totals.
+    `scaler`: fp16's gradient scaler (grad_scaler_for), else None.
 
     Each micro-batch's mean loss is weighted by its share of the step's rows, so a
     step of 2 x 8 rows gives the gradient of one batch of 16, and the epoch's short
@@ -144,10 +161,16 @@ def train_epoch(
         totals.data_wait_s += fetched - ready
         step_rows = sum(len(micro["label"]) for micro in step)
         for index, micro in enumerate(step):
-            _forward_backward(model, to_device(collate(micro), device), step_rows, index == len(step) - 1, totals, config, world_size)
+            _forward_backward(model, to_device(collate(micro), device), step_rows, index == len(step) - 1, totals, config, world_size, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the clipping below works on the true gradients
         if config["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         totals.optimizer_steps += 1
@@ -160,7 +183,8 @@ def train_epoch(
     return totals
 
 
-def _forward_backward(model, batch: dict, step_rows: int, last_in_step: bool, totals: EpochTotals, config: dict, world_size: int) -> None:
+def _forward_backward(model, batch: dict, step_rows: int, last_in_step: bool, totals: EpochTotals, config: dict, world_size: int,
+                      scaler=None) -> None:
     rows = batch["labels"].shape[0]
     # DDP all-reduces gradients on every backward; skip it until the step's last micro-batch
     sync = model.no_sync() if (world_size > 1 and not last_in_step and hasattr(model, "no_sync")) else nullcontext()
@@ -169,7 +193,8 @@ def _forward_backward(model, batch: dict, step_rows: int, last_in_step: bool, to
             with autocast_for(batch["labels"].device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-            (loss * (rows / step_rows)).backward()
+            weighted = loss * (rows / step_rows)
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
     except torch.cuda.OutOfMemoryError as exc:
         raise RuntimeError(_oom_message(config, world_size)) from exc
     totals.micro_batches += 1

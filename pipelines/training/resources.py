@@ -94,6 +94,14 @@ def plan_resources(config: TrainConfig, tokenized_up_front: bool) -> ResourcePla
     """
     cpus, gpus = runtime.cluster_cpus(), runtime.cluster_gpus()
     use_gpu = {"yes": True, "no": False, "auto": gpus >= config.num_workers}[config.use_gpu]
+    if config.use_gpu == "auto" and not use_gpu and not config.cpu_fallback:
+        possible = autoscaler.autoscaler_max_gpus()
+        if possible is not None and possible >= config.num_workers:  # GPU nodes were asked for and did not come
+            raise ConfigError(
+                f"--use-gpu auto: the cluster can add {possible:g} GPUs but has {gpus:g} after waiting "
+                f"{os.environ.get('PLATFORM_RESOURCE_WAIT_S', '900')} s for {config.num_workers}; not training on CPUs "
+                "without --cpu-fallback (or see why the GPU nodes did not start: ray monitor cluster.yaml)"
+            )
     if use_gpu and gpus < config.num_workers:
         raise ConfigError(f"--use-gpu yes with --num-workers {config.num_workers}, but the cluster has {gpus:g} GPUs")
     needed = config.num_workers * config.cpus_per_worker

@@ -55,6 +55,8 @@ class TrainConfig:
     )
     num_workers: int = field(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: str = field("auto", "train on GPUs: auto uses them when the cluster has enough", choices=USE_GPU_CHOICES)
+    cpu_fallback: bool = field(False, "with --use-gpu auto on a cluster that can add GPU nodes: train on CPUs if they do not come up "
+                                      "in time ($PLATFORM_RESOURCE_WAIT_S), instead of failing")
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")
     threads_per_worker: int | None = field(
         None,

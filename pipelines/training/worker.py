@@ -36,6 +36,8 @@ from pipelines.training.loop import (
     epoch_metrics,
     evaluate,
     gather_totals,
+    grad_scaler_for,
+    precision_for,
     shard_steps,
     steps_per_epoch,
     train_epoch,
@@ -112,7 +114,15 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
         poster.note(f"[training] resuming from the checkpoint of epoch {state['epoch'] + 1}")
     start_epoch, history = (state["epoch"] + 1, list(state["history"])) if state else (0, [])
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # DDP: every rank starts from rank 0's weights
+    # from here each rank draws its own dropout masks (one seed on every rank: the same masks on
+    # every worker, less regularization); rank 0 goes on as a single worker does
+    if rank > 0:
+        torch.manual_seed(config["seed"] + rank)
+    precision, scaler = precision_for(device), grad_scaler_for(device)
+    if rank == 0:
+        print(f"[train] precision: {precision} on {device}"
+              + (f" (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda" else ""), flush=True)
     optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
     scheduler = build_scheduler(optimizer, config, world_size)
     if state is not None:
@@ -126,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         maybe_inject_failure(config, epoch)
         steps = shard_steps(shards["train"], plan, config["seed"], epoch, rank)
         progress = ProgressReporter(config, epoch, steps_per_epoch(config, world_size), poster) if rank == 0 else None
-        totals = train_epoch(model, optimizer, scheduler, steps, config, device, world_size, progress)
+        totals = train_epoch(model, optimizer, scheduler, steps, config, device, world_size, progress, scaler)
         metrics = {"epoch": epoch + 1, **epoch_metrics(gather_totals(totals, device), scheduler.get_last_lr()[0])}
         if progress:
             metrics["train/step_loss_curve"] = progress.step_curve(steps_per_epoch(config, world_size))
