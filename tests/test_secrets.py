@@ -48,24 +48,32 @@ def run_with_a_password(workdir: Path, env: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="sec-", dir="/tmp" if Path("/tmp").is_dir() else None))
     postgres = PostgresServer(workdir / "db", password=PASSWORD).start()
     try:
-        model = workdir / "tiny-bert"
-        build = "import sys; from tests.tiny_model import build_tiny_model; build_tiny_model(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", build, str(model)], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+        model, storage = workdir / "tiny-bert", workdir / "storage"
+        # the tiny BERT and a small corpus prepared under the storage root (the full sample corpus would only cost time)
+        setup = (
+            "import sys; from pathlib import Path; from tests.tiny_model import build_tiny_model; "
+            "from pipelines.data.sample_corpus import write_sample_corpus; from pipelines.data.prepare import prepare_dataset; "
+            "from pipelines.data.settings import PrepareConfig; w = Path(sys.argv[1]); build_tiny_model(w / 'tiny-bert'); "
+            "raw = write_sample_corpus(w / 'raw', train_per_label=60, test_per_label=30, seed=7); "
+            "print(prepare_dataset(PrepareConfig(source=str(raw), storage=str(w / 'storage'), progress=False)).manifest.root.uri)"
+        )
+        prepared = subprocess.run([sys.executable, "-c", setup, str(workdir)], cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+        dataset = prepared.stdout.strip().splitlines()[-1]
         run_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PGPASSWORD")}
         run_env.update(SERVE_API_KEY=API_KEY, TMPDIR=str(tmp), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         uri = f"postgresql://{postgres.user}:{PASSWORD}@127.0.0.1:{postgres.port}/{postgres.database}"
         work = workdir / "cwd"  # MLflow's default artifact root for a database store is ./mlruns
         work.mkdir()
         run = subprocess.run(
-            [sys.executable, "-m", "pipelines.train_imdb", "--data", "sample", "--model", str(model), "--tracking-uri", uri,
-             "--storage", str(workdir / "storage"), "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "32",
+            [sys.executable, "-m", "pipelines.train_imdb", "--data", dataset, "--model", str(model), "--tracking-uri", uri,
+             "--storage", str(storage), "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "32",
              "--batch-size", "8", "--eval-batch-size", "128", "--no-onnx-variants", "--register-as", "secret-test"],
             cwd=work, env=run_env, capture_output=True, text=True, timeout=420,
         )
         tables = [row[0] for row in postgres.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
         in_database = [table for table in tables if any(s in str(postgres.query(f'SELECT * FROM "{table}"')) for s in (PASSWORD, API_KEY))]
         params = dict(postgres.query("SELECT key, value FROM params"))
-        searched = [workdir / "storage", work, tmp]
+        searched = [storage, work, tmp]
         return {
             "returncode": run.returncode, "output": run.stdout + run.stderr, "tables": tables, "in_database": in_database, "params": params,
             "uri_without_password": f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/{postgres.database}",
