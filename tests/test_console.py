@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.lane import lane_result
+from tests.tiny_model import build_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
@@ -38,10 +39,7 @@ def run_cli(args: list[str], storage: Path, env: dict | None = None, timeout_s: 
 
 def tiny_model(workdir: Path, env: dict) -> str:
     """The tests' tiny BERT, built in a process of its own (it seeds torch: not in the lane's thread)."""
-    folder = workdir / "tiny-bert"
-    build = "import sys; from tests.tiny_model import build_tiny_model; build_tiny_model(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", build, str(folder)], cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
-    return str(folder)
+    return build_in_subprocess(workdir, env)[0]
 
 
 def train_args(model_dir: str) -> list[str]:

@@ -26,6 +26,7 @@ from pipelines.tracking import registry
 from tests.fault_proxy import Fault, FaultProxy
 from tests.lane import lane_result
 from tests.services import MlflowServer
+from tests.tiny_model import build_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "d" * 64
@@ -236,16 +237,7 @@ def register_and_gate(uri: str, run_id: str, model: str, manifest: str, name: st
 def killed_mid_registration(workdir: Path, env: dict) -> dict:
     """For each kill point: a run's registration killed there, then run again; what the registry holds after."""
     env = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    setup = (
-        "import sys; from pathlib import Path; from tests.tiny_model import build_tiny_model; "
-        "from pipelines.data.sample_corpus import write_sample_corpus; from pipelines.data.prepare import prepare_dataset; "
-        "from pipelines.data.settings import PrepareConfig; w = Path(sys.argv[1]); build_tiny_model(w / 'tiny-bert'); "
-        "raw = write_sample_corpus(w / 'raw', train_per_label=40, test_per_label=40, seed=5); "
-        "m = prepare_dataset(PrepareConfig(source=str(raw), storage=str(w / 'storage'), progress=False)).manifest; "
-        "print(m.uri, m.content_hash)"
-    )
-    prepared = subprocess.run([sys.executable, "-c", setup, str(workdir)], cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
-    (manifest, dataset), model = prepared.stdout.strip().splitlines()[-1].split(), str(workdir / "tiny-bert")
+    model, manifest, dataset = build_in_subprocess(workdir, env, corpus_per_label=40, seed=5)
     outcomes = {}
     with MlflowServer(workdir / "mlflow", f"sqlite:///{workdir / 'mlflow.db'}", str(workdir / "artifacts")) as server:
         proxy = FaultProxy(server.uri).start()

@@ -23,6 +23,7 @@ import pytest
 from pipelines.core.credentials import mask, split_credentials
 from tests.lane import lane_result
 from tests.services import PostgresServer
+from tests.tiny_model import build_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -48,24 +49,16 @@ def run_with_a_password(workdir: Path, env: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="sec-", dir="/tmp" if Path("/tmp").is_dir() else None))
     postgres = PostgresServer(workdir / "db", password=PASSWORD).start()
     try:
-        model, storage = workdir / "tiny-bert", workdir / "storage"
         # the tiny BERT and a small corpus prepared under the storage root (the full sample corpus would only cost time)
-        setup = (
-            "import sys; from pathlib import Path; from tests.tiny_model import build_tiny_model; "
-            "from pipelines.data.sample_corpus import write_sample_corpus; from pipelines.data.prepare import prepare_dataset; "
-            "from pipelines.data.settings import PrepareConfig; w = Path(sys.argv[1]); build_tiny_model(w / 'tiny-bert'); "
-            "raw = write_sample_corpus(w / 'raw', train_per_label=60, test_per_label=30, seed=7); "
-            "print(prepare_dataset(PrepareConfig(source=str(raw), storage=str(w / 'storage'), progress=False)).manifest.root.uri)"
-        )
-        prepared = subprocess.run([sys.executable, "-c", setup, str(workdir)], cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
-        dataset = prepared.stdout.strip().splitlines()[-1]
+        model, dataset, _ = build_in_subprocess(workdir, env, corpus_per_label=60, seed=7)
+        storage = workdir / "storage"
         run_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PGPASSWORD")}
         run_env.update(SERVE_API_KEY=API_KEY, TMPDIR=str(tmp), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         uri = f"postgresql://{postgres.user}:{PASSWORD}@127.0.0.1:{postgres.port}/{postgres.database}"
         work = workdir / "cwd"  # MLflow's default artifact root for a database store is ./mlruns
         work.mkdir()
         run = subprocess.run(
-            [sys.executable, "-m", "pipelines.train_imdb", "--data", dataset, "--model", str(model), "--tracking-uri", uri,
+            [sys.executable, "-m", "pipelines.train_imdb", "--data", dataset, "--model", model, "--tracking-uri", uri,
              "--storage", str(storage), "--epochs", "1", "--max-steps-per-epoch", "2", "--max-length", "32",
              "--batch-size", "8", "--eval-batch-size", "128", "--no-onnx-variants", "--register-as", "secret-test"],
             cwd=work, env=run_env, capture_output=True, text=True, timeout=420,

@@ -193,4 +193,6 @@ def resolve(uri: str | os.PathLike) -> Location:
         local = Path(text.removeprefix("file://")).expanduser().resolve()
     except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop, a name too long
         raise ConfigError(f"storage {text!r}: not a usable folder path ({exc})") from exc
+    except RuntimeError as exc:  # ~name of a user this machine does not have
+        raise ConfigError(f"storage {text!r}: not a usable folder path (no home folder for {text.split('/')[0]!r})") from exc
     return Location(pafs.LocalFileSystem(), str(local), str(local))
