@@ -162,6 +162,10 @@ def _promote(client, name, version, mode, test_accuracy, dataset_hash, decision,
         # a registration that read the old champion just before this move may land its own
         # move just after: give it the time, then read the alias back (the loop's top)
         time.sleep(SETTLE_S)
+    champion = read_champion(client, name)  # the last move's read-back: it may have held
+    if champion is not None and str(champion.version) == version:
+        _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
+        return decision
     raise GateError(f"@{CHAMPION} of {name} kept moving under this registration ({MOVE_ATTEMPTS} tries)")
 
 
