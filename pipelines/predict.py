@@ -6,8 +6,9 @@ Examples:
         --input s3://bucket/reviews/ --output s3://bucket/scored/2026-11-28/ --actors 4
 
 The output holds every input column plus predicted_label, predicted_label_id, score and probability_<label>,
-in Parquet parts, committed at the end (renamed into place, or `_SUCCESS` written last
-on an object store): a failed run leaves no output. The model runs with its training's
+in Parquet parts committed at the end: `_SUCCESS` lists them and is written last. A run that
+fails or is killed, --overwrite included, leaves the previous output whole (readers take the
+parts `_SUCCESS` lists: pipelines.core.committed_parts). The model runs with its training's
 preprocessing (pipelines.inference.classifier), the backend being the version's default unless
 --backend names another.
 """

@@ -159,7 +159,7 @@ def test_predict_writes_its_output_whole_or_not_at_all(registered, review_texts,
     with pytest.raises(Exception):
         run_predict(PredictConfig(**{**config.__dict__, "overwrite": True}))
     assert pq.read_table(output).num_rows == 60
-    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert not list(output.glob("_temporary-*")), "a staging folder was left"
     with pytest.raises(DataError, match="no column 'review'"):
         run_predict(PredictConfig(**{**config.__dict__, "input": str(parquet_of(tmp_path / "in2", ["x"])), "text_column": "review", "overwrite": True}))
 

@@ -240,16 +240,43 @@ def test_failure_on_first_prepare_leaves_no_dataset(corpus_dir: Path, tmp_path: 
         load_manifest("imdb", storage=str(tmp_path))
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_failed_force_rebuild_keeps_the_old_version(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     old = prepare_dataset(config(corpus_dir, tmp_path)).manifest
     version_dir = store(tmp_path) / old.version
-    before = mtimes(version_dir)
+    before = contents(version_dir)
     failing_after_first_split(monkeypatch)
     with pytest.raises(StorageError):
         prepare_dataset(config(corpus_dir, tmp_path, force=True))
-    assert mtimes(version_dir) == before
+    # the same content is rewritten under the same names with the same bytes: nothing else changed
+    assert contents(version_dir) == before
     assert leftovers(tmp_path) == []
     assert read_split_table(load_manifest(str(version_dir)), "test").num_rows == old.splits["test"].rows
+
+
+def test_a_forced_rebuild_with_other_content_replaces_the_version_only_once_whole(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = prepare_dataset(config(corpus_dir, tmp_path, version="v1", val_fraction=0.1)).manifest
+    version_dir = store(tmp_path) / "v1"
+    failing_after_first_split(monkeypatch)
+    with pytest.raises(StorageError):
+        prepare_dataset(config(corpus_dir, tmp_path, version="v1", val_fraction=0.2, force=True))
+    monkeypatch.undo()
+    # the new train shards were written beside the old ones, but the old manifest still rules
+    current = load_manifest("imdb", storage=str(tmp_path))
+    assert current.content_hash == old.content_hash and latest(tmp_path) == "v1"
+    assert read_split_table(current, "val").num_rows == old.splits["val"].rows
+    assert len(list(version_dir.rglob("*.parquet"))) > sum(len(i.files) for i in old.splits.values())
+
+    new = prepare_dataset(config(corpus_dir, tmp_path, version="v1", val_fraction=0.2, force=True)).manifest
+    assert new.content_hash != old.content_hash
+    listed = {s.path for i in new.splits.values() for s in i.files} | {"manifest.json"}
+    assert set(contents(version_dir)) == listed, "the old shards and the failed run's were not all removed"
+    assert load_manifest("imdb", storage=str(tmp_path)).content_hash == new.content_hash
 
 
 @pytest.mark.parametrize("problem", ["label", "truncated", "missing_label_in_test"])

@@ -125,11 +125,16 @@ class Location:
         return f"{self.uri.split('://', 1)[0]}://{path.lstrip('/')}"
 
     def write_bytes(self, data: bytes) -> None:
-        """One object (object stores: a single PUT) or one file."""
-        if not self.is_object_store:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self.filesystem.open_output_stream(self.path) as stream:
-            stream.write(data)
+        """One object or one file, whole or not at all (as write_text: a sibling then os.replace; one PUT)."""
+        if self.is_object_store:
+            with self.filesystem.open_output_stream(self.path) as stream:
+                stream.write(data)
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
     def makedirs(self) -> None:
         """Local folders only: object stores have none (an empty marker object would only mislead listings)."""
@@ -139,6 +144,18 @@ class Location:
     def delete_dir(self) -> None:
         if self.exists():
             self.filesystem.delete_dir(self.path)
+
+    def delete_file(self) -> None:
+        self.filesystem.delete_file(self.path)
+
+    def move_file_to(self, target: "Location") -> None:
+        """One file: a rename on local disk, a server-side copy then a delete on object stores."""
+        self.filesystem.move(self.path, target.path)
+
+    def subfolders(self) -> list[str]:
+        """The names of the folders right below this one (object stores: the key prefixes)."""
+        selector = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.Directory)
 
     def file_sizes(self) -> dict[str, int]:
         """Every file below this folder -> its size, relative paths; one listing call on object stores."""

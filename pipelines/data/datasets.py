@@ -3,22 +3,26 @@
 Layout under the storage root:
 
     datasets/<name>/<version>/manifest.json
-    datasets/<name>/<version>/{train,val,test}/part-00000.parquet ...
+    datasets/<name>/<version>/{train,val,test}/part-00000-<sha256[:12]>.parquet ...
     datasets/<name>/LATEST            (the newest version's id)
 
 The manifest (every shard's path, rows, size and sha256) is the commit marker and
 the dataset's identity: readers open shards only through it, and only after
 checking that every shard it lists exists with the recorded size.
 
-- Local disk: a version is written into a hidden staging folder and renamed into
+Shard names carry the first 12 hex digits of their bytes' sha256 (`part-00000-<sha>.parquet`),
+so a name always holds the same bytes.
+
+- A new version on local disk is written into a hidden staging folder and renamed into
   place with its manifest (atomic on POSIX).
-- Object stores (s3://, gs://) have no rename: shards go straight under the
-  version's prefix and the manifest is written last. A crash leaves shards without
-  a manifest, which no reader trusts; the next publish removes them (manifest
-  first, so a crash during the cleanup cannot leave a manifest without shards) and
-  writes the version again. Shards are deterministic (same rows, same bytes), so
-  two runs racing on one version overwrite each other with identical objects and
-  end with one valid version.
+- Object stores (s3://, gs://) have no rename, and a version that exists (`--force`, or a
+  repair of lost shards) must stay readable while it is rebuilt: the shards are written
+  under the version's folder beside the old ones, the manifest replaces the old one in one
+  write (os.replace, or one PUT), and only then do the files it does not list go (the old
+  shards, a killed run's leftovers). A crash at any point leaves a manifest whose shards
+  all exist, the old one or the new one; shards without a manifest are never trusted.
+  Rewriting the same content writes the same names with the same bytes, so two runs
+  racing on one version end with one valid version.
 
 `LATEST` moves only after the manifest is in place.
 """
@@ -143,9 +147,10 @@ def _write_split(version_dir: Location, split: str, texts: list[str], labels: li
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         data = buffer.getvalue()
-        relative = f"{split}/part-{index:05d}.parquet"
+        sha256 = hashlib.sha256(data).hexdigest()
+        relative = f"{split}/part-{index:05d}-{sha256[:12]}.parquet"
         version_dir.child(*relative.split("/")).write_bytes(data)
-        shards.append(ShardInfo(path=relative, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        shards.append(ShardInfo(path=relative, rows=table.num_rows, bytes=len(data), sha256=sha256))
     return shards
 
 
@@ -186,10 +191,14 @@ def publish(
         )
 
     try:
-        if final.is_object_store:
-            manifest = _publish_in_place(final, build_manifest, force)
+        if final.child(MANIFEST_NAME).exists():
+            if not force:
+                raise DataError("this version exists already (use --force to rebuild it)", final.uri)
+            manifest = _publish_in_place(final, build_manifest)
+        elif final.is_object_store:
+            manifest = _publish_in_place(final, build_manifest)
         else:
-            manifest = _publish_by_rename(store, final, build_manifest, force)
+            manifest = _publish_by_rename(store, final, build_manifest)
         store.child(LATEST_NAME).write_text(version + "\n")  # only after the manifest
     except OSError as exc:  # the object store refused (endpoint, credentials, bucket)
         raise explain(exc, final.uri) from exc
@@ -197,51 +206,32 @@ def publish(
     return manifest
 
 
-def _publish_by_rename(store: Location, final: Location, build_manifest, force: bool) -> Manifest:
-    """Local disk: staging folder + manifest, renamed into place (the old version kept until then)."""
+def _publish_by_rename(store: Location, final: Location, build_manifest) -> Manifest:
+    """A new version on local disk: a staging folder with its manifest, renamed into place."""
     staging = store.child(f".staging-{final.path.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}")
-    trash: Location | None = None
     try:
         manifest = build_manifest(staging)
         # The manifest is written last: a folder without one is never a dataset.
         staging.child(MANIFEST_NAME).write_json(manifest.to_json())
-        if final.exists():
-            if not force:
-                raise DataError("this version exists already (use --force to rebuild it)", final.uri)
-            trash = store.child(f".trash-{final.path.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}")
-            final.move_to(trash)
+        final.delete_dir()  # a folder without a manifest: not a version, nothing a reader trusts
         staging.move_to(final)
     except BaseException:
         staging.delete_dir()
-        if trash is not None and not final.exists():
-            trash.move_to(final)  # put the old version back rather than leave nothing
         raise
-    if trash is not None:
-        trash.delete_dir()
     return manifest
 
 
-def _publish_in_place(final: Location, build_manifest, force: bool) -> Manifest:
-    """Object store: clear leftovers, write the shards under the version's prefix, the manifest last."""
-    manifest_file = final.child(MANIFEST_NAME)
-    if manifest_file.exists():
-        if not force:
-            raise DataError("this version exists already (use --force to rebuild it)", final.uri)
-        log.info("--force: removing %s before writing it again", final.uri)
-    elif final.exists():
-        log.warning("removing an unfinished earlier publish of %s (shards without a manifest)", final.uri)
-    remove_version(final)
+def _publish_in_place(final: Location, build_manifest) -> Manifest:
+    """Shards beside the old ones, the manifest replaced last, then what it does not list removed."""
+    if final.exists() and not final.child(MANIFEST_NAME).exists():
+        log.warning("%s: shards without a manifest (an unfinished earlier publish) are replaced", final.uri)
     manifest = build_manifest(final)
-    manifest_file.write_json(manifest.to_json())
+    final.child(MANIFEST_NAME).write_json(manifest.to_json())
+    listed = {shard.path for info in manifest.splits.values() for shard in info.files} | {MANIFEST_NAME}
+    for name in final.file_sizes():
+        if name not in listed:
+            final.child(*name.split("/")).delete_file()
     return manifest
-
-
-def remove_version(version_dir: Location) -> None:
-    """Manifest first: from that moment no reader trusts the shards, which can then go."""
-    manifest_file = version_dir.child(MANIFEST_NAME)
-    if manifest_file.exists():
-        version_dir.filesystem.delete_file(manifest_file.path)
-    version_dir.delete_dir()
 
 
 def verify_shards(manifest: Manifest) -> None:

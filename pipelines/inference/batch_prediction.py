@@ -3,9 +3,10 @@
 `predictions(...)` streams `read_parquet` -> `map_batches(PredictBatch)` on an actor
 pool; each actor downloads the model version once and runs `pipelines.inference.classifier`
 (the training's cleaning, truncation and max length, with the chosen backend).
-`write_predictions` commits its output all at once: part files go to a staging
-folder, which is renamed (local disk) or marked with `_SUCCESS` last (object stores),
-so a reader never sees half a result and a failed run leaves no output behind.
+`write_predictions` commits its output all at once (pipelines.core.committed_parts): the
+parts are staged, moved in beside the previous result, and `_SUCCESS`, which lists them, is
+replaced last; then the previous result goes. A run that fails or is killed leaves the
+previous result readable, and readers take the parts `_SUCCESS` lists.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +23,12 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.core import console
+from pipelines.core.committed_parts import visible_parquet_files, write_committed
 from pipelines.core.errors import ConfigError, DataError
 from pipelines.core.storage import Location, resolve
 from pipelines.data.reading import file_list_reader
 
 log = logging.getLogger(__name__)
-SUCCESS_MARKER = "_SUCCESS"
 READ_CPUS = 0.25  # Parquet read tasks: I/O, next to model actors that take the rest
 # appended to the input's columns (which often hold the true `label`: never overwritten)
 PREDICTION_COLUMNS = ("predicted_label", "predicted_label_id", "score")
@@ -115,7 +115,8 @@ def input_files(uri: str) -> tuple[Location, list[str]]:
     if not location.exists():
         raise DataError("no such file or folder", uri)
     if location.is_dir() or location.is_object_store and not location.path.endswith(".parquet"):
-        files = sorted(location.child(name).path for name in location.file_sizes() if name.endswith(".parquet"))
+        # a committed output (ours, or `_SUCCESS`-marked) is read by its list, never by a listing
+        files = [location.child(*name.split("/")).path for name in visible_parquet_files(location)]
         if not files:
             raise DataError("no .parquet files here", uri)
         return location, files
@@ -191,6 +192,8 @@ def check_output(output_uri: str, overwrite: bool) -> Location:
     """Refuse, before any work, to overwrite a result unless asked to."""
     output = resolve(output_uri)
     output.check_usable()
+    if not output.is_object_store and output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output_uri}: is a file; the output is a folder of Parquet parts")
     if output.exists() and not overwrite and (not output.is_dir() or output.file_sizes()):
         raise ConfigError(f"--output {output_uri}: exists already; pass --overwrite to replace it")
     return output
@@ -199,28 +202,5 @@ def check_output(output_uri: str, overwrite: bool) -> Location:
 def write_predictions(dataset: ray.data.Dataset, total_rows: int, output_uri: str, overwrite: bool = False) -> tuple[int, int]:
     """Stream the predictions into Parquet parts under `output_uri`, committed at the end; (rows, files)."""
     output = check_output(output_uri, overwrite)
-    # local disk: a sibling folder renamed into place; object stores: the output itself, `_SUCCESS` last
-    staging = output if output.is_object_store else resolve(str(Path(output.path).parent / f".{Path(output.path).name}.staging-{uuid.uuid4().hex[:8]}"))
-    if output.is_object_store and output.exists():
-        output.delete_dir()  # --overwrite on an object store: the old result goes first
-    staging.makedirs()
-    rows = files = 0
-    try:
-        for table in iter_tables(dataset, total_rows, "predict"):
-            if table.num_rows == 0:
-                continue
-            with staging.filesystem.open_output_stream(staging.child(f"part-{files:05d}.parquet").path) as stream:
-                pq.write_table(table, stream, compression="zstd")
-            rows, files = rows + table.num_rows, files + 1
-        if output.is_object_store:
-            output.child(SUCCESS_MARKER).write_text(f"{rows} rows in {files} files\n")
-        else:
-            if output.exists():
-                output.delete_dir()
-            staging.move_to(output)
-            output.child(SUCCESS_MARKER).write_text(f"{rows} rows in {files} files\n")
-    except BaseException:
-        if not output.is_object_store:
-            staging.delete_dir()
-        raise
-    return rows, files
+    committed = write_committed(iter_tables(dataset, total_rows, "predict"), output)
+    return committed.rows, len(committed.files)
