@@ -109,7 +109,7 @@ class FaultProxy:
                 pass
 
             def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._read_body()
                 action = proxy._decide(self.command, self.path)
                 if action == "503":
                     payload = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected by the fault proxy"}).encode()
@@ -137,24 +137,46 @@ class FaultProxy:
                     return
                 self._forward(body)
 
+            def _read_body(self) -> bytes:
+                """The body as it came: S3 clients send theirs chunked (aws-chunked, with trailers), forwarded as is."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        break
+                    raw += self.rfile.read(size + 2)  # the chunk and its CRLF
+                while True:  # trailers, then the empty line that ends the body
+                    line = self.rfile.readline()
+                    raw += line
+                    if line in (b"\r\n", b"\n", b""):
+                        return raw
+
             def _fault_hang(self) -> float:
                 return max((f.hang_s for f in proxy.faults if f.action == "timeout"), default=6.0)
 
             def _forward(self, body: bytes) -> None:
                 upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                # the body is read already: no `Expect: 100-continue` upstream; a chunked one goes on chunked
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "expect")}
+                upstream.request(self.command, self.path, body=body or None, headers=headers, encode_chunked=False)
                 answer = upstream.getresponse()
                 payload = answer.read()
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
+                # HEAD: the length of what a GET would send (S3 reads an object's size there), no body
+                length = answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload))
+                self.send_header("Content-Length", length)
                 self.end_headers()
-                self.wfile.write(payload)
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
                 upstream.close()
 
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
         return Handler

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNING: set[subprocess.Popen] = set()  # what the session's end must interrupt
 
 JobFunction = Callable[[Path, dict], Any]
+RAN_HERE = pytest.StashKey[dict]()
 
 
 def run_process(command: list[str], env: dict[str, str] | None, log: Path, timeout_s: float, cwd: Path = REPO) -> tuple[int | None, str]:
@@ -201,5 +202,7 @@ def lane_result(request: pytest.FixtureRequest, function: JobFunction) -> Any:
     lane = request.config.stash.get(LANE, None)
     if lane is not None and lane.has(function):
         return lane.wait(function)
-    workdir = request.getfixturevalue("tmp_path")
-    return function(workdir, dict(os.environ))
+    ran_here = request.config.stash.setdefault(RAN_HERE, {})  # a job shared by parametrized tests runs once
+    if function not in ran_here:
+        ran_here[function] = function(request.getfixturevalue("tmp_path"), dict(os.environ))
+    return ran_here[function]

@@ -5,51 +5,27 @@ a dataset version rebuilt with another validation fraction, or a prediction outp
 `generation`. After a kill at any step, what readers find must be whole: the previous content
 or the new one, never a mix, never a manifest or `_SUCCESS` naming a missing file, and `LATEST`
 on a readable version. A run to the end afterwards leaves nothing but what it commits.
+
+Every step is a process of its own, so the four cases are one job of the lane beside the
+other tests (tests/lane.py), two at a time.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core.committed_parts import SUCCESS_MARKER, committed_files
-from pipelines.core.storage import resolve
-from pipelines.data.datasets import LATEST_NAME, load_manifest, read_split_table
 from pipelines.data.sample_corpus import write_sample_corpus
+from tests.lane import lane_result
 from tests.services import S3Server
 
-pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = REPO / "tests" / "scenarios" / "overwrite_steps.py"
-PREPARE_PERIOD = 20  # the scenario's validation fraction: 0.05 + 0.01 * (generation % 20)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with S3Server(tmp_path_factory.mktemp("s3")) as server:
-        server.create_bucket("kills")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_sample_corpus(tmp_path_factory.mktemp("raw") / "aclImdb", train_per_label=40, test_per_label=20, seed=5)
-
-
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path, s3, monkeypatch):
-    """(a folder URI to write under, the environment the commands get); this process reads it with the same"""
-    if request.param == "local":
-        return str(tmp_path), {**os.environ}
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)  # the checks here read the store as the commands do
-    return f"s3://kills/{request.node.originalname}", {**os.environ}
+CASES = ("prepare-local", "prepare-s3", "predict-local", "predict-s3")
 
 
 def scenario(args: list[str], env: dict, kill_at: int | None = None) -> subprocess.CompletedProcess:
@@ -58,68 +34,74 @@ def scenario(args: list[str], env: dict, kill_at: int | None = None) -> subproce
 
 
 def steps_of(result: subprocess.CompletedProcess) -> int:
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode != 0 or "STEPS" not in result.stdout:
+        raise AssertionError(f"a run to the end failed ({result.returncode}): {result.stderr[-2000:]}")
     return int(result.stdout.split("STEPS")[1])
 
 
-def kill_at_every_step(args_for, check, env, period: int = 10**6) -> list[str]:
-    """For every step: one generation written whole, the next one killed at that step; what was found after each kill.
+def found(kind: str, where: str, env: dict) -> tuple[str, int]:
+    """(the generation a reader finds, or 'error: ...'; files not listed by the manifest or _SUCCESS)"""
+    out = scenario([f"found-{kind}", where], env).stdout
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    return lines.get("FOUND", f"error: no answer ({out[-500:]})"), int(lines.get("UNLISTED", -1))
 
-    `check` tells the generation found, modulo `period`. Each killed run starts from a whole result without leftovers, so that step N is the same
-    step every time (a killed run's leftovers add steps to the next run's clean-up).
-    """
-    found, generation = [], 0
-    steps = None
-    step = 1
+
+def kill_at_every_step(kind: str, args_for, where: str, env: dict, period: int) -> dict:
+    """For each step N: generation g written whole, then g+1 killed right before step N; what a reader found after."""
+    outcomes, generation, steps, step = [], 0, None, 1
     while steps is None or step <= steps:
         generation += 1
         whole = steps_of(scenario(args_for(generation), env))
-        steps = whole if steps is None else steps
-        assert check() == generation % period
+        steps = whole if steps is None else steps  # from a whole result without leftovers: the same steps each time
         killed = scenario(args_for(generation + 1), env, kill_at=step)
-        assert killed.returncode == -9, f"step {step}: not killed there ({killed.returncode}): {killed.stderr[-2000:]}"
-        now = check()
-        assert now in (generation % period, (generation + 1) % period), f"killed at step {step} of {steps}: found generation {now}"
-        found.append("previous" if now == generation % period else "new")
+        generation_found, _ = found(kind, where, env)
+        outcomes.append({"step": step, "exit": killed.returncode, "found": generation_found,
+                         "previous": str(generation % period), "new": str((generation + 1) % period)})
         generation += 1
         step += 1
     generation += 1
     steps_of(scenario(args_for(generation), env))
-    assert check() == generation % period
-    return found
+    final, unlisted = found(kind, where, env)
+    return {"steps": steps, "outcomes": outcomes, "final": final, "expected_final": str(generation % period), "unlisted": unlisted}
 
 
-def test_prepare_force_killed_at_every_step_leaves_a_whole_version_behind_latest(where, corpus):
-    storage, env = where
-
-    def generation_of_version() -> int:
-        manifest = load_manifest("imdb", storage=storage)  # LATEST -> manifest -> every shard's size
-        assert resolve(storage).child("datasets", "imdb", LATEST_NAME).read_text().strip() == "v1"
-        for split, info in manifest.splits.items():
-            assert read_split_table(manifest, split).num_rows == info.rows, split
-        return round((manifest.settings["val_fraction"] - 0.05) / 0.01)
-
-    found = kill_at_every_step(lambda g: ["prepare", storage, str(corpus), str(g)], generation_of_version, env, period=PREPARE_PERIOD)
-    assert "previous" in found and "new" in found, found  # killed before and after the manifest moved
-    version = resolve(storage).child("datasets", "imdb", "v1")
-    manifest = load_manifest("imdb", storage=storage)
-    listed = {s.path for info in manifest.splits.values() for s in info.files} | {"manifest.json"}
-    assert set(version.file_sizes()) == listed, "shards of earlier generations or killed runs were left"
+def run_case(case: str, workdir: Path, env: dict, s3: S3Server, corpus: Path) -> dict:
+    kind, storage = case.split("-")
+    if storage == "local":
+        root, case_env = str(workdir / case), env
+    else:
+        root, case_env = f"s3://kills/{case}", {**env, **s3.env()}
+    if kind == "prepare":
+        return kill_at_every_step(kind, lambda g: ["prepare", root, str(corpus), str(g)], root, case_env, period=20)
+    output = f"{root}/scored"
+    return kill_at_every_step(kind, lambda g: ["predict", output, str(g)], output, case_env, period=10**6)
 
 
-def test_predict_overwrite_killed_at_every_step_leaves_a_whole_output(where):
-    storage, env = where
-    output = resolve(storage).child("scored")
+def kills_at_every_step(workdir: Path, env: dict) -> dict:
+    corpus = write_sample_corpus(workdir / "raw" / "aclImdb", train_per_label=40, test_per_label=20, seed=5)
+    with S3Server(workdir / "s3") as s3:
+        s3.create_bucket("kills")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {case: pool.submit(run_case, case, workdir, env, s3, corpus) for case in CASES}
+            results = {}
+            for case, future in futures.items():
+                try:
+                    results[case] = future.result()
+                except Exception as exc:  # noqa: BLE001 - reported by the case's test
+                    results[case] = {"error": f"{type(exc).__name__}: {exc}"}
+            return results
 
-    def generation_of_output() -> int:
-        parts = committed_files(output)
-        assert parts, f"no committed output in {output.uri}"
-        table = pa.concat_tables([pq.read_table(output.child(p).path, filesystem=output.filesystem) for p in parts])
-        assert sorted(table["row"].to_pylist()) == list(range(90)), "rows lost or doubled"
-        generations = set(table["generation"].to_pylist())
-        assert len(generations) == 1, f"a mix of results: {generations}"
-        return generations.pop()
 
-    found = kill_at_every_step(lambda g: ["predict", output.uri, str(g)], generation_of_output, env)
-    assert "previous" in found and "new" in found, found
-    assert set(output.file_sizes()) == {SUCCESS_MARKER, *committed_files(output)}, "a killed run's parts were left"
+@pytest.mark.lane(kills_at_every_step, timeout_s=300)
+@pytest.mark.parametrize("case", CASES)
+def test_killed_at_any_step_a_reader_finds_the_previous_result_or_the_new_one_whole(request, case):
+    result = lane_result(request, kills_at_every_step)[case]
+    assert "error" not in result, result.get("error")
+    assert result["steps"] >= 6, result
+    for outcome in result["outcomes"]:
+        assert outcome["exit"] == -9, f"step {outcome['step']}: the run was not killed there ({outcome})"
+        assert outcome["found"] in (outcome["previous"], outcome["new"]), f"killed right before step {outcome['step']} of {result['steps']}: {outcome}"
+    seen = {"previous" if o["found"] == o["previous"] else "new" for o in result["outcomes"]}
+    assert seen == {"previous", "new"}, "the kills did not fall both before and after the commit"
+    assert result["final"] == result["expected_final"], result
+    assert result["unlisted"] == 0, "a run to the end left files of earlier or killed runs"
