@@ -6,7 +6,7 @@
 
 Every request is forwarded as it came unless an armed fault matches it (method, and a
 piece of the path): then, instead of forwarding, the proxy answers 503, hangs past the
-client's timeout, resets the connection, or kills the client process (`kill -9`, as a crash
+client's timeout, resets the connection, holds it a while and then forwards it (`delay`), or kills the client process (`kill -9`, as a crash
 at that step). A fault fires on the `skip`+1-th match (counted
 from when a request matching `after` went through, if given) and then `times` times (None: for
 good). What it did is in `proxy.log`: (method, path, action).
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-ACTIONS = ("503", "timeout", "reset", "kill")
+ACTIONS = ("503", "timeout", "reset", "kill", "delay")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Fault:
     action: str  # one of ACTIONS
     skip: int = 0  # matching requests let through first
     times: int | None = 1  # how many it hits; None: every one after the skipped
-    hang_s: float = 6.0  # "timeout": how long the proxy holds the request before dropping it
+    hang_s: float = 6.0  # "timeout": how long the proxy holds the request before dropping it; "delay": before forwarding it
     after: str | None = None  # armed only once a request whose path holds this has gone through
     kill_pid: int | None = None  # "kill": the client process to SIGKILL instead of answering (kill -9 mid-step)
 
@@ -118,6 +118,10 @@ class FaultProxy:
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
+                    return
+                if action == "delay":  # a slow server: held, then forwarded
+                    time.sleep(self._fault_hang())
+                    self._forward(body)
                     return
                 if action == "timeout":
                     time.sleep(self._fault_hang())

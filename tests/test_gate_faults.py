@@ -187,6 +187,32 @@ def promote_cli(uri: str, name: str, version: str, storage: Path) -> subprocess.
     )
 
 
+@pytest.mark.parametrize("first", ["better", "worse"])
+def test_two_gates_in_two_processes_both_past_the_comparison_leave_the_better_as_champion(gate_server, tmp_path, first):
+    """Two processes (`pipelines.promote`) that both compared against the old champion and both move the alias."""
+    uri, proxy = gate_server
+    direct = client_of(uri)
+    name, (better, worse) = model_with_champion(direct, 0.60, 0.80, 0.70)
+    for version, accuracy in ((better, 0.80), (worse, 0.70)):
+        direct.set_model_version_tag(name, version, registry.ACCURACY_TAG, f"{accuracy:.6f}")
+        direct.set_model_version_tag(name, version, registry.DATASET_TAG, DATASET)
+    # every alias move held 3 s: both have read the old champion (0.60) and decided to promote before either moves
+    proxy.arm(Fault("POST", "/registered-models/alias", "delay", times=None, hang_s=3))
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "pipelines.promote", "--model-name", name, "--tracking-uri", proxy.url, "--storage", str(tmp_path)]
+    order = [better, worse] if first == "better" else [worse, better]
+    processes = [subprocess.Popen([*command, "--version", version], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for version in order]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    moves = [entry for entry in proxy.log if entry[2] == "delay"]
+    proxy.clear()
+    assert all(process.returncode == 0 for process in processes), outputs
+    assert len(moves) >= 2, f"only one process moved the alias: not a race ({outputs})"
+    assert champion_of(direct, name) == better, outputs
+    tags = direct.get_model_version(name, worse).tags
+    assert tags[registry.DECISION_TAG] == registry.KEPT or tags.get(registry.SUPERSEDED_TAG) == better, tags
+
+
 def test_promote_cli_fails_closed_then_promotes_once_the_registry_answers(gate_server, tmp_path):
     uri, proxy = gate_server
     direct = client_of(uri)
