@@ -15,7 +15,7 @@ median counts (the machine's background load drifts).
 
 Last lines: `best_rows_per_pass_<backend>=` and `gain_<backend>=` (texts/s of the best
 pass size over one pass of 32), and `rows_per_pass=` (CPU_ROWS_PER_PASS, what the
-platform uses).
+platform uses for torch and onnx; onnx-int8 runs a text per pass).
 
 For the real measurement, a model trained as in bench/serve_load.py's docstring:
 
@@ -118,7 +118,7 @@ def run(args, scratch: Path) -> int:
     for backend, (size, rates) in best.items():
         print(f"best_rows_per_pass_{backend}={size}")
         print(f"gain_{backend}={rates[size] / rates[BATCH]:.2f}")
-    print(f"rows_per_pass={CPU_ROWS_PER_PASS}")
+    print(f"rows_per_pass={CPU_ROWS_PER_PASS}  (onnx-int8: 1, a text per pass, so that its activation scales are the text's own)")
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -164,6 +165,40 @@ def test_predict_writes_its_output_whole_or_not_at_all(registered, review_texts,
         run_predict(PredictConfig(**{**config.__dict__, "input": str(parquet_of(tmp_path / "in2", ["x"])), "text_column": "review", "overwrite": True}))
 
 
+def probabilities_of(frame) -> np.ndarray:
+    return np.stack([np.asarray(frame[f"probability_{label}"], dtype=np.float64) for label in ("negative", "positive")], axis=-1)
+
+
+TOLERANCE = {"torch": 1e-4, "onnx": 1e-4, "onnx-int8": 1e-6}  # int8 runs a text per pass: the same run alone or not
+
+
+@pytest.mark.timeout(900)
+def test_an_int8_answer_is_the_same_alone_and_in_any_batch_in_pyfunc_and_batch_prediction(registered, review_texts, tmp_path, ray_session):
+    """500 texts: each alone through the pyfunc, then all in one pyfunc call, then through batch prediction.
+
+    int8 is the backend whose activation scales span a forward pass (tests/test_onnx_graph.py
+    checks every backend's classifier the same way); /v1 and /v2 are checked in the Serve test.
+    """
+    from pipelines.predict import PredictConfig, run_predict
+
+    backend = "onnx-int8"
+    uri, version = registered
+    texts = review_texts + [t[: len(t) // 2] for t in review_texts] + [t.upper() for t in review_texts[:100]]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    alone = np.concatenate([probabilities_of(pyfunc.predict([text], params={"backend": backend})) for text in texts])
+    together = probabilities_of(pyfunc.predict(texts, params={"backend": backend}))
+    np.testing.assert_allclose(together, alone, atol=TOLERANCE[backend])
+
+    source = parquet_of(tmp_path / "in", texts)
+    config = PredictConfig(input=str(source), output=str(tmp_path / "out"), model=f"models:/{MODEL}/{version}", tracking_uri=uri,
+                           batch_size=32, backend=backend)
+    assert run_predict(config)[0] == len(texts)
+    scored = pq.read_table(tmp_path / "out").to_pandas()
+    assert list(scored["text"]) == texts
+    np.testing.assert_allclose(probabilities_of(scored), alone, atol=TOLERANCE[backend])
+    assert (probabilities_of(scored).argmax(-1) == alone.argmax(-1)).all()
+
+
 @pytest.mark.timeout(900)
 def test_evaluate_logs_a_run_against_the_model_version(registered, review_texts, tmp_path, ray_session):
     from pipelines.evaluate import EvaluateConfig, run_evaluation
@@ -219,26 +254,35 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
     source = ModelSource(MODEL, str(Path(uri.removeprefix("sqlite:///")).parent.parent), uri)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    rng = np.random.default_rng(3)
+    int8_alone = probabilities_of(pd.concat([pyfunc.predict([text], params={"backend": "onnx-int8"}) for text in review_texts]))
     try:
-        for backend in ("torch", "onnx"):
+        for backend in ("torch", "onnx", "onnx-int8"):
             serving = ServingConfig(model_version=version, poll_interval_s=0, backend=backend, max_text_chars=100_000, max_body_bytes=8 * 1024**2)
             serve.run(build_app(source, serving, num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5},
                                 ingress_options={"ray_actor_options": {"num_cpus": 0.1}}), name="agreement", route_prefix="/")
             expected = list(pyfunc.predict(review_texts, params={"backend": backend})["label"])
-            v1, v2 = [], []
+            v1, v2, v1_probabilities, v2_probabilities = [], [], [], []
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
                 assert http.get("/v1/model").json()["backend"] == backend
-                for first in range(0, len(review_texts), 50):
-                    chunk = review_texts[first:first + 50]
+                first = 0
+                while first < len(review_texts):  # requests of 1 to 32 texts: batches of every size
+                    chunk = review_texts[first:first + int(rng.integers(1, 33))]
+                    first += len(chunk)
                     answer = http.post("/v1/predict", json={"texts": chunk})
                     assert answer.status_code == 200, answer.text
                     v1 += [p["label"] for p in answer.json()["predictions"]]
+                    v1_probabilities += [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in answer.json()["predictions"]]
                     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(chunk)], "data": chunk}]}
                     answer = http.post(f"/v2/models/{MODEL}/infer", json=body).json()
                     label_ids = next(o for o in answer["outputs"] if o["name"] == "label")["data"]
                     v2 += [("negative", "positive")[i] for i in label_ids]
+                    v2_probabilities += next(o for o in answer["outputs"] if o["name"] == "probabilities")["data"]
             assert v1 == expected, f"{backend}: /v1 differs from the pyfunc"
             assert v2 == expected, f"{backend}: /v2 differs from the pyfunc"
+            if backend == "onnx-int8":  # a text's answer does not depend on the batch its request made
+                np.testing.assert_allclose(np.array(v1_probabilities), int8_alone, atol=1e-6)
+                np.testing.assert_allclose(np.array(v2_probabilities).reshape(-1, 2), int8_alone, atol=1e-6)
     finally:
         serve.shutdown()
 

@@ -10,7 +10,9 @@ and one backend:
 - `onnx-int8`: that graph with dynamically quantized int8 weights (MatMul/Gemm and the
   fused attention's QKV projection), about 4x smaller and, on CPUs with VNNI/AMX, about
   2x faster again, at a small accuracy cost that registration measures
-  (pipelines.inference.variants) before the variant may be served.
+  (pipelines.inference.variants) before the variant may be served. Its activations are
+  quantized with a scale computed over the whole input of a run, so it runs one text per
+  pass: a text's answer must not depend on which other users' texts share its batch.
 
 The pyfunc model in MLflow (pipelines.inference.pyfunc_model), batch prediction and the Serve
 replicas all call this, so they return the same labels for the same texts. It runs
@@ -132,9 +134,18 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=ORT_FUSIONS_OFF)
         self.name = name
         self.on_cpu = "CUDAExecutionProvider" not in self.session.get_providers()
+        # dynamic quantization: each run's activation scale comes from all of its rows
+        self.scales_span_the_pass = name == "onnx-int8"
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+
+def default_rows_per_pass(backend: Backend) -> int:
+    """1 where a pass's rows would share activation scales; CPU_ROWS_PER_PASS on a CPU; 0 (all) on a GPU."""
+    if getattr(backend, "scales_span_the_pass", False):
+        return 1
+    return CPU_ROWS_PER_PASS if getattr(backend, "on_cpu", False) else 0
 
 
 class Classifier:
@@ -142,13 +153,16 @@ class Classifier:
 
     On a CPU, a call's texts run in passes of at most `rows_per_pass`, texts of similar
     length together: less padding, and activations that stay in the CPU's caches (on a
-    GPU, one pass: a larger batch is what keeps it busy).
+    GPU, one pass: a larger batch is what keeps it busy). A backend whose activation
+    scales span a pass (dynamic int8) runs one text per pass, each at its own length:
+    then a text gets the same answer alone and in any batch. On a CPU that costs nothing:
+    bench/forward_pass.py measured one text per pass as the fastest int8 layout.
     """
 
     def __init__(self, encoder: TextEncoder, backend: Backend, labels: tuple[str, ...], rows_per_pass: int | None = None):
         self.encoder, self.backend, self.labels = encoder, backend, tuple(labels)
         if rows_per_pass is None:
-            rows_per_pass = CPU_ROWS_PER_PASS if getattr(backend, "on_cpu", False) else 0
+            rows_per_pass = default_rows_per_pass(backend)
         self.rows_per_pass = rows_per_pass  # 0: every text of a call in one pass
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
