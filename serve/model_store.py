@@ -154,7 +154,7 @@ class LoadedModel:
             "truncation": self.truncation,
             "backend": self.backend,
             "test_metrics": dict(self.test_metrics),
-            "device": str(self.device),
+            "device": self.classifier.backend.device,  # where it runs: int8 stays on the CPU of a GPU replica
             "loaded_at": self.loaded_at,
         }
 
@@ -194,6 +194,10 @@ class ModelStore:
         self.threads: int | None = None  # intra-op threads for the backend (the replica's CPUs)
         self._current: LoadedModel | None = None
         self._swap_lock = threading.Lock()  # one load at a time (registry poll vs reconfigure)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
 
     @property
     def current(self) -> LoadedModel | None:
@@ -242,7 +246,7 @@ class ModelStore:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=scratch)
             folder = os.path.join(local, "artifacts", "model")
             if os.path.exists(os.path.join(folder, "inference.json")):
-                chosen = choose_backend(backend, getattr(model_version, "tags", None) or {}, f"{name} v{version}")
+                chosen = choose_backend(backend, getattr(model_version, "tags", None) or {}, f"{name} v{version}", on_gpu=self.on_gpu)
                 classifier = load_classifier_from(folder, chosen, threads=self.threads, device=self.device)
                 loaded = LoadedModel(classifier=classifier, backend=chosen, **common)
             else:
@@ -254,7 +258,8 @@ class ModelStore:
                 loaded = LoadedModel(model=components["model"].to(self.device), tokenizer=components["tokenizer"],
                                      max_length=max_length, truncation=truncation, **common)
         warm_s = loaded.warm_up()
-        log.info("loaded %s v%s in %.1fs (warm-up %.2fs) on %s", name, version, time.perf_counter() - start, warm_s, self.device)
+        log.info("loaded %s v%s in %.1fs (warm-up %.2fs): %s on %s", name, version, time.perf_counter() - start, warm_s,
+                 loaded.backend, loaded.classifier.backend.device)
         return loaded
 
     def swap_to(self, selector: ModelSelector, backend: str | None = None) -> LoadedModel | None:
@@ -268,7 +273,7 @@ class ModelStore:
                 self.backend = backend
             target = self.resolve(selector)
             current = self._current
-            wanted = choose_backend(self.backend, getattr(target, "tags", None) or {}, f"{target.name} v{target.version}")
+            wanted = choose_backend(self.backend, getattr(target, "tags", None) or {}, f"{target.name} v{target.version}", on_gpu=self.on_gpu)
             same_backend = current is not None and (current.backend == wanted or current.backend == "torch" and self.backend == "auto")
             if current is not None and current.name == target.name and current.version == str(target.version) and same_backend:
                 current.aliases = list(getattr(target, "aliases", []) or [])

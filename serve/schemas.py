@@ -234,6 +234,7 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, str] = Field(description="what runs it: `backend` (torch, onnx, onnx-int8) and `device` (cpu, cuda)")
 
 
 class ServerMetadata(BaseModel):
@@ -365,6 +366,7 @@ def model_metadata(info: dict) -> dict:
             {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, len(labels)]},
             {"name": LABEL_NAME_OUTPUT, "datatype": "BYTES", "shape": [-1]},
         ],
+        "parameters": {"backend": str(info.get("backend", "torch")), "device": str(info.get("device", "cpu"))},
     }
 
 

@@ -302,6 +302,44 @@ def test_backend_choice_follows_the_version_tags():
         choose_backend("tensorrt", tags, "m v1")
 
 
+@pytest.mark.timeout(30)
+def test_on_a_gpu_auto_takes_a_gpu_backend_never_cpu_int8(monkeypatch, caplog):
+    from pipelines.inference import variants
+    from pipelines.inference.variants import choose_backend
+
+    tags = {"backend.default": "onnx-int8", "backend.onnx-int8.usable": "true", "backend.onnx.usable": "true"}
+    monkeypatch.setattr(variants, "cuda_onnx_runtime", lambda: False)  # onnxruntime without its CUDA provider (this machine)
+    assert choose_backend("auto", tags, "m v1", on_gpu=True) == "torch"
+    monkeypatch.setattr(variants, "cuda_onnx_runtime", lambda: True)  # onnxruntime-gpu
+    assert choose_backend("auto", tags, "m v1", on_gpu=True) == "onnx"
+    assert choose_backend("auto", {**tags, "backend.onnx.usable": "false"}, "m v1", on_gpu=True) == "torch"
+    assert choose_backend("auto", {}, "m v1", on_gpu=True) == "torch"  # registered before the variants
+    assert choose_backend("auto", tags, "m v1", on_gpu=False) == "onnx-int8"  # a CPU replica keeps the measured default
+    with caplog.at_level("WARNING"):
+        assert choose_backend("onnx-int8", tags, "m v1", on_gpu=True) == "onnx-int8"  # asked for by name: as asked, said
+    assert "runs on the CPU although this replica has a GPU" in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_a_replica_reports_the_device_its_backend_runs_on(registered, monkeypatch):
+    """A GPU replica told to run int8 reports cpu (ONNX Runtime runs int8 there), and /v2 metadata says so too."""
+    import torch
+
+    from serve.model_store import ModelSelector, ModelStore
+    from serve.schemas import model_metadata
+
+    uri, version = registered
+    store = ModelStore(str(Path(uri.removeprefix("sqlite:///")).parent.parent), uri, device=torch.device("cpu"))
+    store.swap_to(ModelSelector(MODEL, version=version), backend="onnx-int8")
+    info = store.current.describe()
+    assert (info["backend"], info["device"]) == ("onnx-int8", "cpu")
+    assert model_metadata(info)["parameters"] == {"backend": "onnx-int8", "device": "cpu"}
+    store.device = torch.device("cuda")  # as pick_device() gives a replica that Ray gave a GPU
+    assert store.on_gpu
+    store.swap_to(ModelSelector(MODEL, version=version), backend="onnx-int8")
+    assert store.current.describe()["device"] == "cpu", "int8 runs on the CPU: the replica must not claim the GPU"
+
+
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     "requested, files, cpus, expected",

@@ -136,6 +136,7 @@ def test_v2_model_metadata_describes_the_tensors(client):
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "label_name", "datatype": "BYTES", "shape": [-1]},
         ],
+        "parameters": {"backend": "torch", "device": "cpu"},
     }
     assert client.get(f"/v2/models/{MODEL}/versions/{VERSION}", headers=AUTH).json() == metadata
     assert client.get(f"/v2/models/{MODEL}/ready", headers=AUTH).json() == {"name": MODEL, "ready": True}

@@ -94,6 +94,7 @@ class TextEncoder:
 class Backend(Protocol):
     name: str
     on_cpu: bool
+    device: str  # where the forward pass runs ("cpu", "cuda", "cuda:0"): what /v1/model reports
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
@@ -104,16 +105,17 @@ class TorchBackend:
     def __init__(self, model, device=None):
         import torch
 
-        self.device = device or torch.device("cpu")
-        self.model = model.to(self.device).eval()
-        self.on_cpu = self.device.type == "cpu"
+        self.torch_device = device or torch.device("cpu")
+        self.model = model.to(self.torch_device).eval()
+        self.on_cpu = self.torch_device.type == "cpu"
+        self.device = str(self.torch_device)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            ids = torch.from_numpy(input_ids).to(self.device)
-            mask = torch.from_numpy(attention_mask).to(self.device)
+            ids = torch.from_numpy(input_ids).to(self.torch_device)
+            mask = torch.from_numpy(attention_mask).to(self.torch_device)
             return self.model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()
 
 
@@ -134,6 +136,7 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=ORT_FUSIONS_OFF)
         self.name = name
         self.on_cpu = "CUDAExecutionProvider" not in self.session.get_providers()
+        self.device = "cpu" if self.on_cpu else "cuda"
         # dynamic quantization: each run's activation scale comes from all of its rows
         self.scales_span_the_pass = name == "onnx-int8"
 

@@ -133,13 +133,16 @@ def load_scores(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def choose_backend(requested: str, tags: dict, what: str) -> str:
-    """`auto` -> the version's default backend (the fastest whose accuracy check passed);
-    a named one is refused when registration marked it unusable."""
+def choose_backend(requested: str, tags: dict, what: str, on_gpu: bool = False) -> str:
+    """`auto` -> the version's default backend (the fastest whose accuracy check passed, measured
+    on a CPU at registration), or on a GPU the GPU backend (`gpu_backend`); a named one is
+    refused when registration marked it unusable."""
     if requested not in ("auto", *BACKENDS):
         raise ConfigError(f"backend {requested!r} is not one of auto, {', '.join(BACKENDS)}")
     if requested == "auto":
-        return tags.get("backend.default", "torch")
+        return gpu_backend(tags) if on_gpu else tags.get("backend.default", "torch")
+    if on_gpu and requested == "onnx-int8":
+        log.warning("%s: backend onnx-int8 runs on the CPU although this replica has a GPU (asked for by name)", what)
     if requested != "torch" and "backend.default" in tags and f"backend.{requested}.usable" not in tags:
         raise ConfigError(f"backend {requested} is not in {what}: it was registered with --no-onnx-variants (torch only)")
     if tags.get(f"backend.{requested}.usable") == "false":
@@ -148,3 +151,19 @@ def choose_backend(requested: str, tags: dict, what: str) -> str:
             f"vs torch {tags.get('backend.torch.accuracy')} (more than 0.5 points lower)"
         )
     return requested
+
+
+def gpu_backend(tags: dict) -> str:
+    """On a GPU: ONNX Runtime's CUDA provider where it is installed and the onnx variant passed its
+    check, else torch; never int8, which ONNX Runtime runs on the CPU only (beside an idle GPU)."""
+    if tags.get("backend.onnx.usable") == "true" and cuda_onnx_runtime():
+        return "onnx"
+    return "torch"
+
+
+def cuda_onnx_runtime() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
