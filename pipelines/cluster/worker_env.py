@@ -1,4 +1,4 @@
-"""The environment every Ray worker gets: tokenizer threads off, offline hub flags and object-store endpoints passed through, never credentials."""
+"""The environment every Ray worker gets: tokenizer threads off, no GPU for a worker that holds none, offline hub flags and object-store endpoints passed through, never credentials."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import os
 # per actor and oversubscribe the CPUs that Ray already divides between actors.
 # Ray Train's print patch logs every print of a worker and prints it as well: each line
 # reached the driver twice.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# A task or actor that asks for no GPU must see none: since Ray 2.4x a worker assigned zero
+# GPUs keeps the node's CUDA_VISIBLE_DEVICES (ray/_private/accelerators/accelerator.py, issue
+# ray-project/ray#54868; ray/_private/utils.py set_visible_accelerator_ids skips zero), so a
+# CPU Serve replica or batch actor on a GPU node would put ONNX Runtime's CUDA provider, or
+# torch, on a GPU a training worker holds. RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 is Ray's switch
+# back to setting it to "" for them.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 # Passed through when set on the driver, so offline runs stay offline on workers.
 PASSTHROUGH_ENV = (
     "HF_HUB_OFFLINE",
@@ -38,3 +44,18 @@ def worker_env() -> dict[str, str]:
         # for the user's store in every later run (pipelines.tracking.runs)
         env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def hide_gpus_unless_assigned() -> None:
+    """In a Ray actor that holds no GPU: CUDA_VISIBLE_DEVICES="" before torch or ONNX Runtime start CUDA.
+
+    For actors that may run without this module's WORKER_ENV (a Serve replica that `serve deploy`
+    started from a config file); a no-op outside an actor and in one that holds a GPU.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is not None and not context.get_accelerator_ids().get("GPU"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
