@@ -140,6 +140,9 @@ class SentimentClassifier:
     """A model replica: model store + batcher + registry follower. Called by the ingress only."""
 
     def __init__(self, source: dict):
+        from pipelines.cluster.worker_env import hide_gpus_unless_assigned
+
+        hide_gpus_unless_assigned()  # a replica with num_gpus 0 on a GPU node: no CUDA for torch or ONNX Runtime
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from transformers.utils import logging as hf_logging
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.core.cli import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser(
-        prog="python -m serve.app", description="Serve the registered champion model over HTTP with Ray Serve (blocks until Ctrl-C)."
+        prog="python -m serve.app", description="Serve the registered champion model over HTTP with Ray Serve (blocks until Ctrl-C or SIGTERM)."
     )
     for settings_cls in (ModelSource, ServingConfig, ScalingSettings):
         add_arguments(parser, settings_cls)
@@ -543,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.http_proxy == "haproxy":
         use_haproxy(joining_cluster=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
 
-    from pipelines.core import console
+    from pipelines.core import console, stopping
 
+    stopped = False
     with console.session("serve", console.log_dir_for(source.storage), verbose=args.verbose):
         console.enter("model")
         version = check_model_exists(source, serving)
@@ -561,12 +565,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in ready_lines(args.host, args.port, args.route_prefix, f"models:/{source.model_name}/{version}"):
                 console.say(line)
             while True:
-                time.sleep(3600)
+                time.sleep(3600)  # SIGINT and SIGTERM end it (pipelines.core.stopping)
         except KeyboardInterrupt:
-            console.say("stopping")
+            stopped = True
+            console.say(f"[serve] {stopping.stop_line()}: shutting down")
         finally:
             serve.shutdown()
-    return 0
+    # the session shut down the local Ray and what it left running
+    return stopping.exit_code() if stopped else 0
 
 
 def ready_lines(host: str, port: int, route_prefix: str, model: str) -> list[str]:

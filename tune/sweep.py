@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.cluster import runtime
-from pipelines.core import console
+from pipelines.core import console, stopping
 from pipelines.core.errors import ConfigError, PlatformError
 from pipelines.core.storage import resolve
 from pipelines.data.datasets import Manifest, load_manifest
@@ -462,6 +462,15 @@ def _close_child_runs(client: MlflowClient, experiment_id: str, parent_run_id: s
             client.set_terminated(run.info.run_id, "KILLED" if status == "stopped_early" else "FAILED")
 
 
+def _kill_open_child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+    """Ctrl-C or SIGTERM: the trials that were running stopped with the sweep (a --resume logs into their runs again)."""
+    try:
+        for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - the store may be what failed: the interruption is what to report
+        log.warning("could not mark the sweep's running trials KILLED: %s", exc)
+
+
 def _child_run_of(client: MlflowClient, context: SweepContext, trial_id: str) -> str:
     child_runs = client.search_runs(
         [context.experiment_id],
@@ -618,7 +627,9 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
             console.stage("sweep", f"{sweep_name}: {trials_planned(config)} trials of up to {train.epochs} epochs, {concurrency} at once, "
                                    f"{config.search} search over {', '.join(swept)}, {config.scheduler.upper()} scheduler by {config.metric}; "
                                    f"MLflow parent run {parent_run_id}{' (resumed)' if config.resume else ''}")
-            result_grid = _tuner(config, context, concurrency, sweep_name).fit()
+            # Tune takes Ctrl-C (and so SIGTERM: pipelines.core.stopping) while it runs, and keeps it after
+            with stopping.kept_handlers():
+                result_grid = _tuner(config, context, concurrency, sweep_name).fit()
             # Tune answers Ctrl+C by saving its state and returning: no best of a partial sweep
             ended = saved_ended_trials(result_grid)
             if ended < trials_planned(config):
@@ -642,6 +653,8 @@ def run_sweep(config: SweepConfig) -> SweepOutcome:
             version, decision = _record_best(config, context, manifest, rows, best, last_reports(result_grid)[best["trial_id"]], client)
         except BaseException as exc:
             _upload_log(parent_run_id)  # a failed sweep keeps its log too
+            if isinstance(exc, KeyboardInterrupt):
+                _kill_open_child_runs(MlflowClient(tracking_uri), experiment_id, parent_run_id)
             mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         _upload_log(parent_run_id)

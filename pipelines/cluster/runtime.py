@@ -13,6 +13,7 @@ import shutil
 import ray
 
 from pipelines.cluster.worker_env import WORKER_ENV, worker_env
+from pipelines.core import stopping
 from pipelines.core.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": worker_env()}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        with stopping.kept_handlers():  # ray.init's SIGTERM handler would exit without a word
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     # Ray's State API, which Train's placement-group cleaner relies on when Tune stops a
     # trial, finds "the" local cluster by scanning processes; with two clusters on one
@@ -53,15 +55,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     previous_port = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
-        ray.init(
-            # "local": always a new cluster of our own, never one that `ray start` left running
-            address="local",
-            num_cpus=num_cpus,
-            object_store_memory=local_object_store_bytes(),
-            runtime_env=runtime_env,
-            include_dashboard=True,  # Tune frees stopped trials' placement groups through it
-            log_to_driver=True,
-        )
+        with stopping.kept_handlers():  # Ray's node would answer SIGTERM by killing the raylet under its agents
+            ray.init(
+                # "local": always a new cluster of our own, never one that `ray start` left running
+                address="local",
+                num_cpus=num_cpus,
+                object_store_memory=local_object_store_bytes(),
+                runtime_env=runtime_env,
+                include_dashboard=True,  # Tune frees stopped trials' placement groups through it
+                log_to_driver=True,
+            )
     finally:
         if previous_port is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -69,6 +72,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             os.environ["RAY_GCS_SERVER_PORT"] = previous_port
     global _STARTED_LOCALLY
     _STARTED_LOCALLY = True
+    # the node's processes (GCS, raylet, dashboard, monitors): shutdown_ray ends all below them.
+    # Ray lists them only on its private node object; without it, ray.shutdown() alone runs.
+    node = getattr(ray._private.worker, "_global_node", None)
+    stopping.track_local_ray(process.pid for _, process in (node.live_processes() if node is not None else ()))
     if ray.get_runtime_context().gcs_address != address:
         log.warning("the local Ray is at %s, not %s", ray.get_runtime_context().gcs_address, address)
     log.info("started a local Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
@@ -83,8 +90,8 @@ def is_local_cluster() -> bool:
 
 
 def shutdown_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+    """ray.shutdown(); a local Ray's processes that outlive it (the raylet's agents) are ended too."""
+    stopping.shutdown_ray()
 
 
 def cluster_cpus() -> float:

@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any, Callable, TypeVar
 
-from pipelines.core import console
+from pipelines.core import console, stopping
 from pipelines.core.errors import ConfigError, DataError, PlatformError
 
 T = TypeVar("T")
@@ -135,27 +135,30 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     """Run an entry point: an error prints what failed, in which stage, and where the log is.
 
     Exit 2 for what the user can fix (flags, data: ConfigError, DataError), 1 for a
-    failure of the platform or the cluster (any other error; its traceback is in the log).
+    failure of the platform or the cluster (any other error; its traceback is in the log),
+    128 + the signal when SIGINT (Ctrl-C: 130) or SIGTERM (143) stopped it: both end the
+    run as Ctrl-C does, and the local Ray it started stops with it (pipelines.core.stopping).
     """
     logging.basicConfig(level=logging.INFO, format=console.LOG_FORMAT)
     console.hold_output_until_exit()
-    try:
-        code = main(argv)
-    except (ConfigError, DataError) as exc:
-        _report(f"error: {exc}")
-        sys.exit(EXIT_USER_ERROR)
-    except PlatformError as exc:
-        _report(f"error: {exc}")
-        sys.exit(EXIT_FAILURE)
-    except KeyboardInterrupt:
-        _report("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # a bug or a cluster failure: one line here, the traceback in the log
-        first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-        if console.log_path() is None:
-            raise
-        _report(f"error: {type(exc).__name__}: {first_line}")
-        sys.exit(EXIT_FAILURE)
+    with stopping.signals_handled():
+        try:
+            code = main(argv)
+        except (ConfigError, DataError) as exc:
+            _report(f"error: {exc}")
+            sys.exit(EXIT_USER_ERROR)
+        except PlatformError as exc:
+            _report(f"error: {exc}")
+            sys.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            _report(stopping.stop_line())
+            sys.exit(stopping.exit_code())
+        except Exception as exc:  # a bug or a cluster failure: one line here, the traceback in the log
+            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+            if console.log_path() is None:
+                raise
+            _report(f"error: {type(exc).__name__}: {first_line}")
+            sys.exit(EXIT_FAILURE)
     sys.exit(code or 0)
 
 

@@ -25,6 +25,7 @@ from typing import Iterator, TextIO
 
 from tqdm import tqdm
 
+from pipelines.core import stopping
 from pipelines.core.credentials import mask
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,4 @@ def _log_handlers(path: Path, verbose: bool) -> tuple[logging.Handler, list[logg
 
 
 def _shutdown_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    stopping.shutdown_ray()  # and whatever of the local Ray outlives ray.shutdown()

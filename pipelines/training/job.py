@@ -23,7 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.cluster import runtime
-from pipelines.core import console, progress
+from pipelines.core import console, progress, stopping
 from pipelines.core.errors import DataError, PlatformError
 from pipelines.core.storage import Location, resolve
 from pipelines.data.datasets import Manifest, load_manifest
@@ -219,9 +219,9 @@ def _train_in_mlflow_run(config, manifest, model_path, run_name, settings, track
             with progress.board(run_name) as board_name:
                 result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, {**loop_config, "progress_board": board_name}, board_name)
             outcome = _record_and_register(config, manifest, model_path, run_name, run_id, tracking_uri, result)
-        except BaseException:
-            run_log.upload_console_log(run_id, log_path)  # a failed run keeps its log too
-            mlflow.end_run(status="FAILED")
+        except BaseException as exc:
+            run_log.upload_console_log(run_id, log_path)  # a failed (or stopped) run keeps its log too
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         run_log.upload_console_log(run_id, log_path)
         mlflow.end_run()
@@ -253,7 +253,12 @@ def _fit(config, run_name, tracking_uri, run_id, plan, datasets, loop_config, bo
     run_callbacks = [callbacks.MlflowEpochLogger(tracking_uri, run_id, board_name, config.epochs)]
     trainer = build_trainer(loop_config, datasets, config, plan.use_gpu, ray_run_config(config, run_name, run_callbacks))
     try:
-        result = trainer.fit()
+        # fit() answers Ctrl-C (and so SIGTERM: pipelines.core.stopping) by aborting the run's
+        # workers, then exits 0 through SystemExit; its handler stays installed after it
+        with stopping.kept_handlers():
+            result = trainer.fit()
+    except SystemExit as exc:
+        raise KeyboardInterrupt("training aborted") from exc
     except Exception as exc:  # Ray wraps worker errors in TrainingFailedError
         raise _explain_failure(exc, config) from exc
     if result.checkpoint is None:
