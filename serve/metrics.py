@@ -11,11 +11,15 @@ retried request).
 | ray_imdb_predictions_total | counter | label, model_version | what the model says, and how often |
 | ray_imdb_batch_size | histogram | | texts per forward pass: is batching working? |
 | ray_imdb_inference_latency_ms | histogram | | tokenize + forward time per batch |
-| ray_imdb_model_version | gauge | model_name | the version each replica serves now (rollouts) |
+| ray_imdb_model_version | gauge, kept | model_name | the version each replica serves now (rollouts) |
 | ray_imdb_model_swaps_total | counter | model_name | how many hot swaps happened |
-| ray_imdb_registry_errors_total | counter | | failed registry checks or loads (the old model keeps serving) |
+| ray_imdb_registry_errors_total | counter, from 0 | | failed registry checks or loads (the old model keeps serving) |
 | ray_imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies, model unavailable |
 | ray_imdb_request_retries_total | counter | error | predictions re-sent because the model replica running them died |
+
+Kept: Ray 2.60 drops a gauge from the export ~30 s after it was last set, and the version is
+set only when it changes; the replica re-sets it every few seconds (pipelines.core.ray_metrics).
+From 0: exported at 0 when the replica starts, so that `increase()` counts the first error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 from collections import Counter as Tally
 
 from ray.serve.metrics import Counter, Gauge, Histogram
+
+from pipelines.core.ray_metrics import KeptGauge, start_at_zero
 
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
@@ -37,9 +43,13 @@ class ServingMetrics:
         self.inference_ms = Histogram(
             "imdb_inference_latency_ms", description="Tokenization + forward time per batch (ms).", boundaries=LATENCY_BUCKETS_MS
         )
-        self.model_version = Gauge("imdb_model_version", description="Registered model version this replica serves.", tag_keys=("model_name",))
+        self.model_version = KeptGauge(
+            Gauge("imdb_model_version", description="Registered model version this replica serves.", tag_keys=("model_name",))
+        )
+        self._model_name: str | None = None
         self.swaps = Counter("imdb_model_swaps", description="Hot swaps to another model version.", tag_keys=("model_name",))
         self.registry_errors = Counter("imdb_registry_errors", description="Failed registry checks or model loads.")
+        start_at_zero(self.registry_errors)
 
     def record_batch(self, predictions: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(predictions))
@@ -48,6 +58,9 @@ class ServingMetrics:
             self.predictions.inc(count, tags={"label": label, "model_version": version})
 
     def record_model(self, name: str, version: str, swapped: bool) -> None:
+        if self._model_name not in (None, name):
+            self.model_version.forget({"model_name": self._model_name})
+        self._model_name = name
         self.model_version.set(float(version), tags={"model_name": name})
         if swapped:
             self.swaps.inc(tags={"model_name": name})

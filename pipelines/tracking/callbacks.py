@@ -1,4 +1,9 @@
-"""The Ray Train callback that logs each epoch's report into the run: tracking's only ray.train import (Serve never loads it)."""
+"""The Ray Train callback that logs each epoch's report into the run: tracking's only ray.train import (Serve never loads it).
+
+It is also the platform's only code in the Train controller, so it counts worker group
+failures for Prometheus (`ray_imdb_train_worker_failures_total`, alert `TrainRunRestarting`):
+Ray's own RESTARTING state lasts one controller loop iteration, too short to be exported.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from ray.train import UserCallback
 from pipelines.tracking.runs import log_step_curve, numeric_metrics
 
 log = logging.getLogger(__name__)
+_worker_failures = None  # the controller's ray_imdb_train_worker_failures_total, made at the first failure
 
 
 class MlflowEpochLogger(UserCallback):
@@ -48,6 +54,22 @@ class MlflowEpochLogger(UserCallback):
         )
         print(line, flush=True)  # the log file
         self._board().note(line)  # the console
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        """Once per failed poll of the worker group (a restart follows while max_failures allows)."""
+        global _worker_failures
+        from ray.util.metrics import Counter
+
+        try:
+            if _worker_failures is None:
+                _worker_failures = Counter(
+                    "imdb_train_worker_failures",
+                    description="Worker group failures seen by the Train controller (a restart follows while max_failures allows).",
+                    tag_keys=("ray_train_run_name",),  # Ray Train's own label
+                )
+            _worker_failures.inc(tags={"ray_train_run_name": run_context.get_run_config().name})
+        except Exception as exc:  # noqa: BLE001 - a metric must not change how the controller handles the failure
+            log.warning("could not count the worker group failure: %s", exc)
 
     def _board(self):
         if self._poster is None:

@@ -60,10 +60,12 @@ def maybe_inject_failure(config: dict, epoch: int) -> None:
 
 class ProgressReporter:
     """Rank 0's progress: a bar on the driver's console (poster), a log line every few
-    seconds, and the per-step loss curve (`step_curve`, at global optimizer steps)."""
+    seconds, the per-step loss curve (`step_curve`, at global optimizer steps) and the
+    steps-done counter that the stalled-run alert reads (`run_metrics`)."""
 
-    def __init__(self, config: dict, epoch: int, max_steps: int, poster):
+    def __init__(self, config: dict, epoch: int, max_steps: int, poster, run_metrics=None):
         self.config, self.epoch, self.max_steps, self.poster = config, epoch, max_steps, poster
+        self.run_metrics = run_metrics
         self.key = f"epoch {epoch + 1}/{config['epochs']}"
         self.last_print = time.perf_counter()
         self.step_losses: list[float] = []
@@ -74,6 +76,8 @@ class ProgressReporter:
         rate = totals.samples / totals.elapsed_s
         self.step_losses.append((totals.loss_sum - self._seen[0]) / max(totals.samples - self._seen[1], 1))
         self._seen = (totals.loss_sum, totals.samples)
+        if self.run_metrics is not None:
+            self.run_metrics.step_done()
         self.poster.post(self.key, totals.optimizer_steps, self.max_steps, "steps", f"loss {loss:.4f}, {rate:.1f} samples/s, data-wait {totals.data_wait_share:.0%}")
         now = time.perf_counter()
         if now - self.last_print > PROGRESS_EVERY_S:
@@ -98,17 +102,29 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: resume from the last checkpoint if there is one, train, report."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from pipelines.core.progress import Poster
+    from pipelines.training.run_metrics import WorkerMetrics
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("num_threads", 1))))
     context = ray.train.get_context()
-    world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
+    poster = Poster(config.get("progress_board"), context.get_world_rank())
+    # ray_imdb_train_worker_active while this runs (the stalled-run and idle-GPU alerts), steps on rank 0
+    run_metrics = WorkerMetrics.for_this_worker()
+    try:
+        _train_epochs(config, context, device, poster, run_metrics)
+    finally:
+        run_metrics.close()
 
-    poster = Poster(config.get("progress_board"), rank)
+
+def _train_epochs(config: dict, context, device, poster, run_metrics) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    world_size, rank = context.get_world_size(), context.get_world_rank()
     model, state, best = restore(config, rank)
     if state is not None and rank == 0:
         print(f"[train] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
@@ -135,8 +151,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         maybe_inject_failure(config, epoch)
         steps = shard_steps(shards["train"], plan, config["seed"], epoch, rank)
-        progress = ProgressReporter(config, epoch, steps_per_epoch(config, world_size), poster) if rank == 0 else None
+        progress = ProgressReporter(config, epoch, steps_per_epoch(config, world_size), poster, run_metrics) if rank == 0 else None
         totals = train_epoch(model, optimizer, scheduler, steps, config, device, world_size, progress, scaler)
+        run_metrics.flush()
         metrics = {"epoch": epoch + 1, **epoch_metrics(gather_totals(totals, device), scheduler.get_last_lr()[0])}
         if progress:
             metrics["train/step_loss_curve"] = progress.step_curve(steps_per_epoch(config, world_size))
