@@ -15,7 +15,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup postgresql train serve ui test test-fast rehearsal bench lock clean
+.PHONY: setup postgresql promtool train serve ui test test-fast rehearsal bench lock clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ postgresql:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql > /dev/null; } || \
 	  { echo "PostgreSQL is needed by the tests: install Debian's postgresql package (sudo apt-get install postgresql)" >&2; exit 1; }
 
+# The alerts' unit tests run `promtool` (tests/test_platform_files.py): Debian's prometheus
+# package ships it. Installed the same way as PostgreSQL above.
+promtool:
+	@command -v promtool > /dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null; } || \
+	  { echo "promtool is needed by the tests (the alerts' unit tests): install Debian's prometheus package (sudo apt-get install prometheus)" >&2; exit 1; }
+
 train: setup
 	$(BIN)/python -m pipelines.train_imdb --data sample --epochs 1 --max-length 128 --batch-size 16 $(ARGS)
 
@@ -51,7 +59,7 @@ ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
 	  "$$($(BIN)/python -c 'from pipelines.core import storage; from pipelines.tracking import store_uri; print(store_uri.local_store(storage.default_storage())[0])')"
 
-test: setup postgresql
+test: setup postgresql promtool
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup
