@@ -86,7 +86,10 @@ class PredictBatch:
     """A Ray Data actor: one model in memory, a batch of texts -> predictions appended as columns."""
 
     def __init__(self, model: ModelRef, text_column: str, threads: int):
+        from pipelines.cluster.worker_env import hide_gpus_unless_assigned
         from pipelines.inference.classifier import load_classifier_from
+
+        hide_gpus_unless_assigned()  # a CPU actor on a GPU node (a job not started by pipelines.predict): no CUDA for it
 
         # loaded into memory, the downloaded folder can go: an actor pool per job would
         # otherwise leave a copy of the model per actor on every node's disk
