@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,7 @@ STATUS_REFRESH_S = 2.0  # how stale the ingress's copy of the model status may g
 # model calls an ingress replica keeps in flight, per model replica (at most): enough to keep
 # each busy (one computing, more queued behind it); past them, requests are sent together
 CALLS_PER_MODEL_REPLICA = 4
+SERVE_DRAIN_S = 12.0  # python -m serve.app stopping its local Ray: the most it waits for Serve to drain
 FIRST_STATUS_TIMEOUT_S = 300.0  # an ingress replica waits this long for the model before it reports ready anyway
 # What a DeploymentHandle raises when the replica running a request is gone: ActorDiedError
 # (the process died: kill -9, OOM) and ActorUnavailableError (unreachable; it may come back)
@@ -509,7 +511,7 @@ def app_builder(args: dict | None = None) -> Application:
 # --- python -m serve.app ------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cluster.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray, is_local_cluster
     from pipelines.core.cli import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser(
@@ -570,9 +572,34 @@ def main(argv: list[str] | None = None) -> int:
             stopped = True
             console.say(f"[serve] {stopping.stop_line()}: shutting down")
         finally:
-            serve.shutdown()
+            shutdown_serve(bounded=is_local_cluster())
     # the session shut down the local Ray and what it left running
     return stopping.exit_code() if stopped else 0
+
+
+def shutdown_serve(bounded: bool) -> None:
+    """serve.shutdown(): replicas finish the requests they hold, then Serve's actors stop.
+
+    `bounded` (a local Ray this process started, which ends next with all its actors): at most
+    SERVE_DRAIN_S, so that a stop by a process manager ends within its grace period (30 s)
+    even on a loaded machine. Joined to a cluster, Serve there is shut down whole, however long.
+    """
+    if not bounded:
+        serve.shutdown()
+        return
+    finished = threading.Event()
+
+    def drain() -> None:
+        try:
+            serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - the local Ray ends right after: a note in the log, not a traceback
+            log.warning("Serve's shutdown did not finish (%r); the local Ray ends its actors", exc)
+        finally:
+            finished.set()
+
+    threading.Thread(target=drain, name="serve-shutdown", daemon=True).start()
+    if not finished.wait(SERVE_DRAIN_S):
+        log.warning("Serve took over %.0f s to drain; the local Ray ends its actors now", SERVE_DRAIN_S)
 
 
 def ready_lines(host: str, port: int, route_prefix: str, model: str) -> list[str]:

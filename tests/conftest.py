@@ -77,7 +77,8 @@ HEAVY_FIXTURES = frozenset({
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        # and the lane's tests: each runs whole commands (tests/lane.py)
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("lane"):
             item.add_marker(pytest.mark.slow)
 
 

@@ -8,6 +8,9 @@ gaps. So these jobs start as soon as collection is done, one after another, the 
 and their tests are moved to the end of the session, where each waits for its job's result and
 asserts on it as on a run of its own.
 
+A job that mostly waits (on a client's retries, a metrics export, a short command) says
+`light=True`: the light jobs run one after another in a second thread, beside the heavy ones.
+
 A test joins the lane with `@pytest.mark.lane(job, timeout_s=...)`, where `job(workdir, env)`
 is a module-level function that runs the command(s) and returns what the test asserts on; the
 test gets it from `lane_result(request, job)`. A job runs in a thread of the pytest process:
@@ -77,6 +80,7 @@ def interrupt(process: subprocess.Popen) -> None:
 class Job:
     function: JobFunction
     timeout_s: float
+    light: bool = False  # mostly waits (retries, timers, a short command): runs in the light slot, beside the heavy jobs
     # short names: Ray's sockets live under TMPDIR, and a socket path may not exceed 107 bytes
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lane-", dir="/tmp" if Path("/tmp").is_dir() else None)))
     done: threading.Event = field(default_factory=threading.Event)
@@ -102,22 +106,24 @@ class Job:
 
 
 class Lane:
-    """Runs the jobs one after another in a thread; `wait(function)` hands back one's result."""
+    """Runs the jobs one after another in a thread, the light ones in a second; `wait(function)` hands back one's result."""
 
     def __init__(self) -> None:
         self.jobs: dict[JobFunction, Job] = {}
         self.stopping = threading.Event()
         self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run_all, name="test-lane", daemon=True)
+        self._threads = [threading.Thread(target=self._run_all, args=(light,), name=f"test-lane-{'light' if light else 'heavy'}", daemon=True)
+                         for light in (False, True)]
 
-    def add(self, function: JobFunction, timeout_s: float) -> None:
+    def add(self, function: JobFunction, timeout_s: float, light: bool = False) -> None:
         if function not in self.jobs:
-            self.jobs[function] = Job(function, timeout_s)
+            self.jobs[function] = Job(function, timeout_s, light)
 
     def start(self) -> None:
         if self.jobs:
             self.started = time.monotonic()
-            self._thread.start()
+            for thread in self._threads:
+                thread.start()
 
     def has(self, function: JobFunction) -> bool:
         return function in self.jobs
@@ -129,8 +135,10 @@ class Lane:
             raise job.error
         return job.value
 
-    def _run_all(self) -> None:
+    def _run_all(self, light: bool) -> None:
         for job in self.jobs.values():
+            if job.light != light:
+                continue
             if not self.stopping.is_set():
                 job.run(self.started)
             job.done.set()
@@ -145,7 +153,7 @@ class Lane:
                 shutil.rmtree(job.base, ignore_errors=True)
 
     def summary(self) -> list[str]:
-        lines = [f"{job.name}: started at {job.started_s:.0f} s, ran {job.wall_s:.0f} s{' (failed)' if job.error else ''}"
+        lines = [f"{job.name}{' (light)' if job.light else ''}: started at {job.started_s:.0f} s, ran {job.wall_s:.0f} s{' (failed)' if job.error else ''}"
                  for job in self.jobs.values() if job.wall_s is not None]
         ended = max((job.started_s + job.wall_s for job in self.jobs.values() if job.wall_s is not None), default=0)
         return [*lines, f"the lane ended {ended:.0f} s after it started"]
@@ -171,7 +179,7 @@ class LanePlugin:
         lane = Lane()
         for item in marked:
             marker = item.get_closest_marker("lane")
-            lane.add(marker.args[0], marker.kwargs["timeout_s"])
+            lane.add(marker.args[0], marker.kwargs["timeout_s"], marker.kwargs.get("light", False))
         # a test may wait for every job queued before its own: their timeouts bound it
         waiting = sum(job.timeout_s for job in lane.jobs.values()) + 120 * len(lane.jobs)
         for item in marked:

@@ -238,32 +238,37 @@ def training_args(workdir: Path, env: dict) -> list[str]:
 
 
 def stop_training(workdir: Path, env: dict) -> tuple[list[dict], Path]:
-    """`python -m pipelines.train_imdb` stopped by SIGINT, then SIGTERM, once its Train workers run."""
+    """`python -m pipelines.train_imdb` stopped by SIGINT (to its process alone) once its Train workers run.
+
+    One signal per training command, to keep the suite's time: SIGTERM does what SIGINT does
+    at that moment (Train's own Ctrl-C handler), and the sweep below is stopped by SIGTERM;
+    both signals reach serve.app above, and every signal the entry points without Ray below.
+    """
     env = command_env(env)
     command = [sys.executable, "-m", "pipelines.train_imdb", *training_args(workdir, env), "--batch-size", "8", "--register-as", "stop-train"]
 
     def ready(output: str, processes: dict[int, str]) -> bool:
         return "[training] MLflow run" in output and has_process(processes, "ray::RayTrainWorker")
 
-    results = [run_and_stop(command, env, signum, ready, workdir / f"train-{signum}.log", settle_s=2) for signum in SIGNALS]
+    results = [run_and_stop(command, env, signal.SIGINT, ready, workdir / "train.log", settle_s=2)]
     return results, workdir / "storage"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.lane(stop_training, timeout_s=130)
-def test_training_stops_cleanly_on_sigint_and_sigterm(request):
+@pytest.mark.lane(stop_training, timeout_s=100)
+def test_training_stops_cleanly_on_sigint(request):
     results, storage = lane_result(request, stop_training)
     print(summary(results))
     for result in results:
         assert_stopped_cleanly(result, STOPPED_LINE[signal.Signals[result["signal"]]])
         assert "failed in stage: training" in result["output"]
     runs = all_runs(storage)
-    assert len(runs) == 2 and {run.info.status for run in runs} == {"KILLED"}, [(run.info.run_name, run.info.status) for run in runs]
+    assert len(runs) == 1 and {run.info.status for run in runs} == {"KILLED"}, [(run.info.run_name, run.info.status) for run in runs]
 
 
 def stop_sweep(workdir: Path, env: dict) -> tuple[list[dict], Path]:
-    """`python -m tune.tune_imdb` (2 trials, one at a time) stopped by SIGINT, then SIGTERM, while its first trial trains."""
+    """`python -m tune.tune_imdb` (2 trials, one at a time) stopped by SIGTERM while its first trial trains."""
     env = command_env(env)
     command = [sys.executable, "-m", "tune.tune_imdb", *training_args(workdir, env), "--batch-sizes", "8", "--num-samples", "2",
                "--max-concurrent", "1", "--register-as", "stop-sweep"]
@@ -271,14 +276,14 @@ def stop_sweep(workdir: Path, env: dict) -> tuple[list[dict], Path]:
     def ready(output: str, processes: dict[int, str]) -> bool:
         return re.search(r"^\[trial \S+\] started", output, re.MULTILINE) is not None and has_process(processes, "ray::RayTrainWorker")
 
-    results = [run_and_stop(command, env, signum, ready, workdir / f"sweep-{signum}.log", settle_s=2) for signum in SIGNALS]
+    results = [run_and_stop(command, env, signal.SIGTERM, ready, workdir / "sweep.log", settle_s=2)]
     return results, workdir / "storage"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.lane(stop_sweep, timeout_s=140)
-def test_sweep_stops_cleanly_on_sigint_and_sigterm(request):
+@pytest.mark.lane(stop_sweep, timeout_s=110)
+def test_sweep_stops_cleanly_on_sigterm(request):
     results, storage = lane_result(request, stop_sweep)
     print(summary(results))
     for result in results:
@@ -287,7 +292,7 @@ def test_sweep_stops_cleanly_on_sigint_and_sigterm(request):
     runs = all_runs(storage)
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
-    assert len(parents) == 2 and {run.info.status for run in parents} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in parents]
+    assert len(parents) == 1 and {run.info.status for run in parents} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in parents]
     assert trials and {run.info.status for run in trials} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in trials]
 
 

@@ -124,7 +124,7 @@ def run_on_damaged_shards(workdir: Path, env: dict) -> tuple[subprocess.Complete
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.lane(run_on_damaged_shards, timeout_s=400)
+@pytest.mark.lane(run_on_damaged_shards, timeout_s=400, light=True)
 def test_a_failing_run_names_its_stage_and_log_and_keeps_the_log_in_mlflow(request):
     result, storage = lane_result(request, run_on_damaged_shards)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]  # bad data: the user's to fix

@@ -288,7 +288,7 @@ def killed_mid_registration(workdir: Path, env: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.lane(killed_mid_registration, timeout_s=600)
+@pytest.mark.lane(killed_mid_registration, timeout_s=600, light=True)
 def test_a_registration_killed_at_any_step_then_run_again_leaves_one_whole_promoted_version(request):
     outcomes = lane_result(request, killed_mid_registration)
     assert set(outcomes) == set(KILL_POINTS)

@@ -40,7 +40,7 @@ def gpu_check_on_cpu(workdir: Path, env: dict) -> dict:
     return {"returncode": code, "output": output[-4000:], "found": json.loads(out.read_text()) if out.exists() else {}}
 
 
-@pytest.mark.lane(gpu_check_on_cpu, timeout_s=300)
+@pytest.mark.lane(gpu_check_on_cpu, timeout_s=300, light=True)
 def test_the_gpu_check_runs_without_ray_or_mlflow_and_reports_every_section(request):
     result = lane_result(request, gpu_check_on_cpu)
     assert result["returncode"] == 0, result["output"]

@@ -7,7 +7,7 @@ or the new one, never a mix, never a manifest or `_SUCCESS` naming a missing fil
 on a readable version. A run to the end afterwards leaves nothing but what it commits.
 
 Every step is a process of its own, so the four cases are one job of the lane beside the
-other tests (tests/lane.py), two at a time.
+other tests (tests/lane.py), in its light slot.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def kills_at_every_step(workdir: Path, env: dict) -> dict:
     corpus = write_sample_corpus(workdir / "raw" / "aclImdb", train_per_label=40, test_per_label=20, seed=5)
     with S3Server(workdir / "s3") as s3:
         s3.create_bucket("kills")
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # one at a time: it runs beside the suite and the heavy lane
             futures = {case: pool.submit(run_case, case, workdir, env, s3, corpus) for case in CASES}
             results = {}
             for case, future in futures.items():
@@ -92,7 +92,7 @@ def kills_at_every_step(workdir: Path, env: dict) -> dict:
             return results
 
 
-@pytest.mark.lane(kills_at_every_step, timeout_s=300)
+@pytest.mark.lane(kills_at_every_step, timeout_s=300, light=True)
 @pytest.mark.parametrize("case", CASES)
 def test_killed_at_any_step_a_reader_finds_the_previous_result_or_the_new_one_whole(request, case):
     result = lane_result(request, kills_at_every_step)[case]

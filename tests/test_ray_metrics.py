@@ -129,7 +129,7 @@ def kept_gauge_scrape(workdir, env) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-@pytest.mark.lane(kept_gauge_scrape, timeout_s=60)
+@pytest.mark.lane(kept_gauge_scrape, timeout_s=60, light=True)
 def test_ray_drops_a_gauge_set_once_and_keeps_a_kept_gauge(request):
     result = lane_result(request, kept_gauge_scrape)
     assert result["seen"] == {"probe_plain_gauge": True, "probe_kept_gauge": True, "probe_zero_counter_total": True}, result

@@ -115,7 +115,7 @@ def store_faults(workdir: Path, env: dict) -> dict:
             return results
 
 
-@pytest.mark.lane(store_faults, timeout_s=300)
+@pytest.mark.lane(store_faults, timeout_s=300, light=True)
 @pytest.mark.parametrize(("what", "step", "action"), LASTING)
 def test_a_lasting_store_fault_at_a_step_fails_the_command_and_leaves_a_whole_result(request, what, step, action):
     result = lane_result(request, store_faults)[f"{what}|{step}|{action}|True"]
@@ -133,7 +133,7 @@ def test_a_lasting_store_fault_at_a_step_fails_the_command_and_leaves_a_whole_re
     assert result["again_exit"] == 0 and result["found_again"] == "3", result
 
 
-@pytest.mark.lane(store_faults, timeout_s=300)
+@pytest.mark.lane(store_faults, timeout_s=300, light=True)
 @pytest.mark.parametrize("action", ONCE)
 def test_a_store_fault_that_hits_once_is_retried_and_the_rebuild_succeeds(request, action):
     result = lane_result(request, store_faults)[f"prepare|the manifest|{action}|False"]
