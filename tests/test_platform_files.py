@@ -471,7 +471,27 @@ def test_runbook_names_metrics_and_mlflow_fields_that_exist():
         if flag in {"--force", "--source", "--rows-per-shard", "--stop", "--daemon", "--num-samples", "--lr-min",
                     "--lr-max", "--batch-sizes", "--shm-size", "--verbose"}:
             continue  # prepare_imdb, the start script, tune, docker, every command's --verbose
-        assert flag[2:].replace("-", "_") in _train_fields() | _promote_fields(), f"RUNBOOK names {flag}, not a train_imdb or promote flag"
+        known = _train_fields() | _promote_fields() | _serve_fields() | _predict_fields()
+        assert flag[2:].replace("-", "_") in known, f"RUNBOOK names {flag}, not a train_imdb, promote, predict or serve.app flag"
+
+
+def _predict_fields() -> frozenset[str]:
+    import dataclasses
+
+    from pipelines.predict import PredictConfig
+
+    return frozenset(f.name for f in dataclasses.fields(PredictConfig))
+
+
+def _serve_fields() -> frozenset[str]:
+    """serve.app's flags: its settings dataclasses' fields and the HTTP ones (host, port...)."""
+    import dataclasses
+
+    from serve.app import main  # noqa: F401 - the flags below are main's
+    from serve.settings import ModelSource, ScalingSettings, ServingConfig
+
+    fields = {f.name for cls in (ModelSource, ServingConfig, ScalingSettings) for f in dataclasses.fields(cls)}
+    return frozenset(fields | {"host", "port", "route_prefix", "request_timeout_s", "app_name", "proxy_location", "http_proxy", "ray_address"})
 
 
 def _promote_fields() -> frozenset[str]:

@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             PLATFORM_STORAGE=STORAGE,
             RAY_AUTH_MODE="disabled",  # a throwaway cluster on loopback
             RAY_USAGE_STATS_ENABLED="0",
+            MLFLOW_DISABLE_TELEMETRY="true",  # else MLflow may write ~/.config/mlflow/telemetry.json, outside the nodes' folders
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
