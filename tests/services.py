@@ -482,6 +482,7 @@ class MlflowServer:
             MLFLOW_HOST=HOST,
             MLFLOW_PORT=str(self.port),
             MLFLOW_WORKERS="1",
+            MLFLOW_DISABLE_TELEMETRY="true",  # else the server may write ~/.config/mlflow/telemetry.json (the rehearsal's HOME)
         )
         env.update(self.extra_env)
         return env
