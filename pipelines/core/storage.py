@@ -93,20 +93,8 @@ class Location:
             return stream.read().decode("utf-8")
 
     def write_text(self, text: str) -> None:
-        """Write a small file so that readers see the old or the new content, never half.
-
-        Local: write a sibling temporary file, then os.replace (atomic on POSIX).
-        Object stores: a single PUT is already all-or-nothing.
-        """
-        if isinstance(self.filesystem, pafs.LocalFileSystem):
-            target = Path(self.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        else:
-            with self.filesystem.open_output_stream(self.path) as stream:
-                stream.write(text.encode("utf-8"))
+        """Write a small file so that readers see the old or the new content, never half (write_bytes)."""
+        self.write_bytes(text.encode("utf-8"))
 
     def read_json(self) -> dict:
         return json.loads(self.read_text())
@@ -125,7 +113,11 @@ class Location:
         return f"{self.uri.split('://', 1)[0]}://{path.lstrip('/')}"
 
     def write_bytes(self, data: bytes) -> None:
-        """One object or one file, whole or not at all (as write_text: a sibling then os.replace; one PUT)."""
+        """One object or one file, whole or not at all: readers see the old or the new content, never half.
+
+        Local: a sibling temporary file, then os.replace (atomic on POSIX).
+        Object stores: a single PUT is already all-or-nothing.
+        """
         if self.is_object_store:
             with self.filesystem.open_output_stream(self.path) as stream:
                 stream.write(data)

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PREDICT_ROWS, PREDICT_PARTS = 90, 3
-MUTATIONS = ("write_bytes", "write_text", "delete_file", "delete_dir", "move_file_to", "move_to", "makedirs")
+MUTATIONS = ("write_bytes", "delete_file", "delete_dir", "move_file_to", "move_to", "makedirs")  # write_text and write_json write through write_bytes
 
 
 def count_steps(kill_at: int | None) -> list[int]:
