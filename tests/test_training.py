@@ -37,6 +37,9 @@ def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
         # chance for the few epochs a test affords (pretrained models do not mind)
         group_by_length=False,
         max_length=64,
+        # these runs test the plumbing (restarts, resume, registration), not learning (minilm_run
+        # does): a dozen steps of an epoch's 67, the rest of the shard drained unmeasured
+        max_steps_per_epoch=12,
         storage=str(storage),
         register_as="tiny-imdb",
         experiment="tests",
@@ -75,10 +78,10 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
     from pipelines.training.job import run_training
 
     config = TrainConfig(
-        # two whole epochs of the test corpus (2 x 34 steps of 16) with the default length grouping.
-        # 2 x 15 steps was not enough: the result then hung on the batch order (test accuracy
-        # 0.51 to 0.82 across orders); whole epochs gave 0.83 at lr 1e-4 and 2e-4.
-        data=sample_manifest.root.uri, model=None, epochs=2, batch_size=16,
+        # one whole epoch of the test corpus (34 steps of 16) with the default length grouping, as
+        # `make train` runs. 2 x 15 steps was not enough: the result then hung on the batch order
+        # (test accuracy 0.51 to 0.82 across orders); one whole epoch gave 0.91 test, 0.88 val.
+        data=sample_manifest.root.uri, model=None, epochs=1, batch_size=16,
         max_length=64, lr=2e-4, storage=str(tmp_path_factory.mktemp("minilm-storage")),
         register_as="minilm-imdb", experiment="tests-e2e", max_failures=0,
         onnx_variants=False,  # learning is what is tested here; first_run registers the variants
@@ -91,9 +94,11 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
 def test_bundled_minilm_learns_end_to_end(minilm_run, sample_manifest):
     config, outcome = minilm_run
     client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
-    losses = client.get_metric_history(outcome.run_id, "train/loss")
-    assert [m.step for m in losses] == [1, 2]
-    assert losses[1].value < losses[0].value, "training loss must fall from epoch 1 to epoch 2"
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1]
+    # the per-step curve (every optimizer step: 34 of them) falls from chance (ln 2 = 0.69)
+    curve = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/step_loss"), key=lambda m: m.step)]
+    assert len(curve) == outcome.metrics["train/optimizer_steps"]
+    assert sum(curve[-8:]) / 8 < 0.8 * sum(curve[:8]) / 8, f"the training loss did not fall: {curve}"
     assert outcome.metrics["train/optimizer_steps"] == math.ceil(sample_manifest.splits["train"].rows / config.batch_size)
     assert outcome.metrics["test/accuracy"] > 0.7, "the sample corpus has a learnable signal"
     assert outcome.gate.promote and outcome.registered_version == "1"

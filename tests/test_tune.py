@@ -46,6 +46,7 @@ def tiny_sweep(manifest, storage, model) -> SweepConfig:
             epochs=2,  # ASHA's one rung at epoch 1 (grace 1): a trial goes on to 2 or stops
             batch_size=8,
             max_length=64,
+            max_steps_per_epoch=10,  # of 67: enough for the lrs to set the trials' val/loss apart
             group_by_length=False,  # see tests/test_training.py: tiny random BERTs learn unreliably with it
             storage=str(storage),
             experiment="sweep-tests",
@@ -203,7 +204,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
     args = [
         sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir, "--tracking-uri", tracking_uri,
         "--num-samples", "2", "--max-concurrent", "1", "--epochs", "1", "--scheduler", "fifo", "--metric", "val/loss",
-        "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--no-group-by-length", "--storage", str(storage),
+        "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--max-steps-per-epoch", "6", "--no-group-by-length", "--storage", str(storage),
         "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests", "--no-onnx-variants",
         "--ray-address", ray.get_runtime_context().gcs_address,
     ]
@@ -233,7 +234,7 @@ def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir,
         num_samples=2, max_concurrent=1, scheduler="fifo", metric="val/loss",
         space=("warmup_ratio=uniform:0:0.1",), lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,),
         sweep_name="resume-me", resume=True,
-        train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=1, batch_size=8, max_length=64,
+        train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=1, batch_size=8, max_length=64, max_steps_per_epoch=6,
                           group_by_length=False, storage=str(storage), tracking_uri=tracking_uri, register_as="resume-sweep",
                           experiment="sweep-tests", onnx_variants=False),
     )
