@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -172,8 +171,17 @@ def probabilities_of(frame) -> np.ndarray:
 TOLERANCE = {"torch": 1e-4, "onnx": 1e-4, "onnx-int8": 1e-6}  # int8 runs a text per pass: the same run alone or not
 
 
+@pytest.fixture(scope="module")
+def int8_alone(registered, review_texts) -> tuple[list[str], np.ndarray]:
+    """500 texts (the 200 reviews first) and the int8 probabilities of each sent alone through the pyfunc."""
+    _, version = registered
+    texts = review_texts + [t[: len(t) // 2] for t in review_texts] + [t.upper() for t in review_texts[:100]]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    return texts, np.concatenate([probabilities_of(pyfunc.predict([text], params={"backend": "onnx-int8"})) for text in texts])
+
+
 @pytest.mark.timeout(900)
-def test_an_int8_answer_is_the_same_alone_and_in_any_batch_in_pyfunc_and_batch_prediction(registered, review_texts, tmp_path, ray_session):
+def test_an_int8_answer_is_the_same_alone_and_in_any_batch_in_pyfunc_and_batch_prediction(registered, int8_alone, tmp_path, ray_session):
     """500 texts: each alone through the pyfunc, then all in one pyfunc call, then through batch prediction.
 
     int8 is the backend whose activation scales span a forward pass (tests/test_onnx_graph.py
@@ -183,9 +191,8 @@ def test_an_int8_answer_is_the_same_alone_and_in_any_batch_in_pyfunc_and_batch_p
 
     backend = "onnx-int8"
     uri, version = registered
-    texts = review_texts + [t[: len(t) // 2] for t in review_texts] + [t.upper() for t in review_texts[:100]]
+    texts, alone = int8_alone
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
-    alone = np.concatenate([probabilities_of(pyfunc.predict([text], params={"backend": backend})) for text in texts])
     together = probabilities_of(pyfunc.predict(texts, params={"backend": backend}))
     np.testing.assert_allclose(together, alone, atol=TOLERANCE[backend])
 
@@ -236,7 +243,7 @@ def test_predict_cli_refuses_an_unknown_model_in_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(registered, review_texts, ray_session):
+def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(registered, review_texts, int8_alone, ray_session):
     """The Serve endpoint, the Open Inference Protocol and the pyfunc agree on 200 reviews; a
     user_config backend switch reloads the model on ONNX Runtime and still agrees."""
     import socket
@@ -255,12 +262,12 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     rng = np.random.default_rng(3)
-    int8_alone = probabilities_of(pd.concat([pyfunc.predict([text], params={"backend": "onnx-int8"}) for text in review_texts]))
+    int8_alone = int8_alone[1][: len(review_texts)]  # the fixture's texts start with these
     try:
         for backend in ("torch", "onnx", "onnx-int8"):
             serving = ServingConfig(model_version=version, poll_interval_s=0, backend=backend, max_text_chars=100_000, max_body_bytes=8 * 1024**2)
-            serve.run(build_app(source, serving, num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5},
-                                ingress_options={"ray_actor_options": {"num_cpus": 0.1}}), name="agreement", route_prefix="/")
+            serve.run(build_app(source, serving, num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5}),
+                      name="agreement", route_prefix="/")
             expected = list(pyfunc.predict(review_texts, params={"backend": backend})["label"])
             v1, v2, v1_probabilities, v2_probabilities = [], [], [], []
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
