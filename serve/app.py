@@ -71,7 +71,7 @@ def limits_of(serving: ServingConfig) -> RequestLimits:
     return RequestLimits(serving.max_texts, serving.max_text_chars, serving.max_body_bytes)
 
 
-# --- the model deployment -------------------------------------------------------------
+# --- the deployment: HTTP ingress and model in each replica ----------------------------
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,

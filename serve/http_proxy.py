@@ -24,7 +24,8 @@ What HAProxy adds on each node: a stats page on port 8404 and a Prometheus expor
 9101, both bound to every interface (Ray's template; keep them behind the cluster's
 firewall). For one machine, `use_haproxy` moves them to free ports and keeps HAProxy's
 config and admin socket in a folder of this process, so two local Serve instances do not
-share them.
+share them; `run_in_own_network` runs a benchmark or test script in a network namespace
+whose only interface is loopback, so that nothing it starts listens beyond the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 from pipelines.core.errors import ConfigError
@@ -112,3 +114,24 @@ def use_haproxy(joining_cluster: bool) -> str:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     })
     return binary
+
+
+NETNS_ENV = "SERVE_IN_OWN_NETWORK"
+
+
+def run_in_own_network(script: str, argv: list[str]) -> None:
+    """Run `script argv` again in a network namespace whose only interface is loopback; returns only inside it.
+
+    Linux, as root (or with user namespaces: `--map-root-user`); `unshare` and `ip` from util-linux and iproute2.
+    """
+    if os.environ.get(NETNS_ENV) == "1":
+        return
+    if not sys.platform.startswith("linux") or not shutil.which("unshare") or not shutil.which("ip"):
+        raise ConfigError("HAProxy here: no `unshare`/`ip` for a network namespace of its own (HAProxy's stats and metrics "
+                          "ports bind every interface)")
+    os.environ[NETNS_ENV] = "1"
+    user_namespace = [] if os.geteuid() == 0 else ["--map-root-user"]
+    print("HAProxy binds ports on every interface: running in a network namespace of its own (loopback only)", flush=True)
+    sys.stdout.flush()
+    os.execvp("unshare", ["unshare", "--net", *user_namespace, "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                          sys.executable, os.path.abspath(script), *argv])

@@ -49,7 +49,7 @@ class ServingConfig:
     model_alias: str = field(CHAMPION, "registry alias to serve; replicas follow it when it moves")
     model_version: str | None = field(None, "serve this registered version instead of the alias (pins it)")
     poll_interval_s: float = field(30.0, "how often replicas check whether the alias moved (0: never)")
-    max_batch_size: int = field(32, "most texts run through the model in one forward pass (1 turns batching off; a quarter of it: requests per ingress call)")
+    max_batch_size: int = field(32, "most texts run through the model in one forward pass (1 turns batching off)")
     batch_wait_timeout_s: float = field(0.005, "longest a text waits for others to fill a batch")
     max_texts: int = field(64, "most texts one request may carry")
     max_text_chars: int = field(20_000, "longest text accepted, in characters (IMDB's longest review is ~14k)")

