@@ -1,7 +1,10 @@
-"""cluster.yaml: valid for the Ray we ship with, and what it runs exists in this repository.
+"""cluster.yaml and platform/cluster/onprem.yaml: valid for the Ray we ship with, one nodes' part, and
+what they run exists in this repository.
 
 Offline, the same checks `ray up` makes before it calls the cloud: the JSON schema that the
-ray package ships for cluster configs, then `prepare_config` + `validate_config`.
+ray package ships for cluster configs, then `prepare_config` + `validate_config`. Both files are
+written by platform/cluster/render.py from a provider part and one shared nodes' part; the
+cluster rehearsal (tests/scenarios/cluster_rehearsal.py) runs `ray up` on a copy of onprem.yaml.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import copy
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,10 @@ pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
+ONPREM_YAML = REPO / "platform" / "cluster" / "onprem.yaml"
+CLUSTER_FILES = [CLUSTER_YAML, ONPREM_YAML]
+sys.path.insert(0, str(REPO / "platform" / "cluster"))
+import render  # noqa: E402  (platform/ is not a package)
 REMOTE_REPO = "~/imdb-platform"  # where file_mounts puts the repository on every node
 
 # key-looking strings that must never be in a config file
@@ -49,7 +58,7 @@ def all_commands(config: dict) -> list[str]:
     keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
             "head_start_ray_commands", "worker_start_ray_commands")
     commands = [command for key in keys for command in config.get(key, [])]
-    for node_type in config["available_node_types"].values():
+    for node_type in config.get("available_node_types", {}).values():
         commands += node_type.get("worker_setup_commands", []) + node_type.get("initialization_commands", [])
     return commands
 
@@ -59,21 +68,67 @@ def exported(commands: list[str], name: str) -> list[str]:
     return [m.group(1) for command in commands for m in re.finditer(rf"\b{name}=([^\s'\"]+)", command)]
 
 
-def test_valid_against_the_schema_ray_ships():
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_valid_against_the_schema_ray_ships(path):
     import jsonschema
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(yaml.safe_load(CLUSTER_YAML.read_text()), schema)
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema)
 
 
-def test_passes_the_checks_ray_up_makes_before_it_calls_the_cloud(config):
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_passes_the_checks_ray_up_makes_before_it_calls_the_cloud(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    config = yaml.safe_load(path.read_text())
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     # the merged command lists a node actually runs
     assert prepared["head_setup_commands"][: len(config["setup_commands"])] == config["setup_commands"]
-    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+    if config["provider"]["type"] == "aws":
+        assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+def test_the_written_files_are_what_render_py_writes_from_the_parts():
+    result = subprocess.run([sys.executable, str(REPO / "platform" / "cluster" / "render.py"), "--check"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cloud_and_own_machines_share_everything_that_is_not_the_cloud():
+    nodes = yaml.safe_load(render.NODES_PART.read_text())
+    assert set(nodes) == set(render.SHARED_KEYS)
+    for path in CLUSTER_FILES:
+        config = yaml.safe_load(path.read_text())
+        for key in render.SHARED_KEYS:
+            assert config[key] == nodes[key], f"{path.name}: {key} differs from platform/cluster/parts/nodes.yaml"
+    # ... and the provider parts hold nothing of the nodes' part
+    for part in (render.PARTS / "aws.yaml", render.PARTS / "onprem.yaml"):
+        assert not set(yaml.safe_load(part.read_text())) & set(render.SHARED_KEYS), part.name
+
+
+def test_onprem_uses_rays_local_provider_over_ssh():
+    config = yaml.safe_load(ONPREM_YAML.read_text())
+    provider = config["provider"]
+    assert provider["type"] == "local" and provider["head_ip"] and provider["worker_ips"]
+    assert config["auth"]["ssh_user"] and config["auth"]["ssh_private_key"]
+    # the local provider has one node type of its own: `ray up` aborts on these
+    assert not {"available_node_types", "head_node_type", "head_node", "worker_nodes"} & set(config)
+
+
+def test_a_rendered_copy_changes_only_what_it_names():
+    config = yaml.safe_load(ONPREM_YAML.read_text())
+    copy_ = render.without_install(config, {"~/imdb-platform": "/src/repo", "~/venv": "/src/repo/.venv"})
+    copy_ = render.with_settings(copy_, {"PLATFORM_STORAGE": "s3://b/p", "AWS_ENDPOINT_URL": "http://10.0.0.1:9000"})
+    copy_ = render.with_start_args(copy_, head="--num-cpus=1", worker="--num-cpus=2")
+    commands = all_commands(copy_)
+    assert not [c for c in commands if "pip install" in c or "uv venv" in c], "nothing installed"
+    assert all(c in config["setup_commands"] or c.startswith(("ln -sfn", "echo 'export")) for c in copy_["setup_commands"])
+    assert "~/imdb-platform" not in copy_["file_mounts"] and copy_["file_mounts"]["~/.ray/auth_token"]
+    assert exported(commands, "PLATFORM_STORAGE") == ["s3://b/p"] and exported(commands, "AWS_ENDPOINT_URL") == ["http://10.0.0.1:9000"]
+    assert exported(commands, "MLFLOW_HOST") == ["0.0.0.0"]  # what it does not name stays
+    starts = [c for c in copy_["head_start_ray_commands"] + copy_["worker_start_ray_commands"] if "ray start" in c]
+    assert all(c.endswith(("--num-cpus=1", "--num-cpus=2")) for c in starts) and len(starts) == 2
+    assert copy_["head_start_ray_commands"][-1] == config["head_start_ray_commands"][-1]  # the MLflow server as shipped
 
 
 def test_a_cpu_head_that_never_trains_and_autoscaling_gpu_workers(config):
@@ -155,8 +210,9 @@ def test_what_it_runs_exists_in_this_repository(config):
             assert (REPO / referenced).is_file(), referenced
 
 
-def test_no_secrets_in_cluster_yaml():
-    assert find_secrets(CLUSTER_YAML.read_text()) == []
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_no_secrets_in_the_cluster_files(path):
+    assert find_secrets(path.read_text()) == []
 
 
 def test_the_secret_scan_catches_what_it_should():
