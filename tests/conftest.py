@@ -6,6 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch loads OpenMP (read once, at load): this process, its subprocesses and the Ray
+# workers it starts all inherit it. The suite runs two lanes on 2 cores (tests/lane.py), so a
+# torch process's second thread often finds its core taken; OpenMP's default spin-wait then
+# burns the time slice the other process needed. Measured on this machine beside other work:
+# a tiny-BERT training step 120-310 ms with 2 spinning threads, 20-40 ms passive, 12-16 ms on
+# one thread (bench/omp_wait_policy.py, docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from tests import lane

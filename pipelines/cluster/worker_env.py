@@ -23,6 +23,9 @@ PASSTHROUGH_ENV = (
     "MLFLOW_TRACKING_URI",
     "PLATFORM_STORAGE",
     "PLATFORM_FAIL_AT_EPOCH",  # fault-injection switch used by the tests
+    # OpenMP's spin-wait: PASSIVE where a node's cores are shared with other work
+    # (bench/omp_wait_policy.py, docs/benchmarks.md)
+    "OMP_WAIT_POLICY",
     # where the object store is; never the credentials: a runtime environment is shown
     # in the dashboard, and every node has its own (instance profile, env, secret)
     "AWS_ENDPOINT_URL",
