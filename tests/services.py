@@ -6,7 +6,8 @@
 - `MlflowServer`: `platform/mlflow/start_mlflow_server.sh` in the foreground, e.g. over the
   two above (PostgreSQL backend store, artifacts proxied to S3).
 
-Each listens on 127.0.0.1 only, on a free port, and keeps its files (data, logs) under the
+Each listens on 127.0.0.1 only (or on the private address `host=` names: the cluster
+rehearsal's bridge to its hosts), on a free port, and keeps its files (data, logs) under the
 `workdir` it is given. Every `start()` is bounded and raises RuntimeError with the end of the
 server's log; every `stop()` is safe to call twice; each is a context manager.
 
@@ -101,9 +102,10 @@ class S3Server:
     secret_key = "testing"
     region = "us-east-1"
 
-    def __init__(self, workdir: Path, *, start_timeout_s: float = 60) -> None:
+    def __init__(self, workdir: Path, *, start_timeout_s: float = 60, host: str = HOST) -> None:
         self.workdir = Path(workdir)
         self.start_timeout_s = start_timeout_s
+        self.host = host  # another private address than loopback: the rehearsal's bridge to its hosts
         self.log_path = self.workdir / "s3-server.log"
         self.port: int | None = None
         self._process: subprocess.Popen | None = None
@@ -113,14 +115,14 @@ class S3Server:
     def endpoint_url(self) -> str:
         if self.port is None:
             raise RuntimeError("the S3 server is not started")
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "S3Server":
         if self._process is not None and self._process.poll() is None:
             return self
         self.port = self.port or free_port()  # a restart keeps the endpoint (the data is gone: in memory)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        command = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
+        command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         self._process = _spawn(command, env, self.log_path)
         try:
             _wait_until(lambda: _http_ok(self.endpoint_url + "/moto-api/"), self._process, self.start_timeout_s,
@@ -286,8 +288,10 @@ class PostgresServer:
     superuser = "postgres"
 
     def __init__(self, workdir: Path, database: str = "mlflow", user: str = "mlflow", *, start_timeout_s: float = 60,
-                 password: str | None = None) -> None:
+                 password: str | None = None, host: str = HOST, clients: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.host = host  # the address it listens on
+        self.clients = clients  # a network (CIDR) whose hosts may also connect, with trust auth: the rehearsal's bridge
         self.database = database
         self.user = user
         self.password = password  # given: `user` must log in with it over TCP (scram-sha-256), as on a real server
@@ -304,7 +308,7 @@ class PostgresServer:
     def uri(self) -> str:
         if self.port is None:
             raise RuntimeError("the PostgreSQL server is not started")
-        return f"postgresql://{self.user}@{HOST}:{self.port}/{self.database}"
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
 
     def _not_as_root(self) -> None:
         userns = _userns_prefix()
@@ -343,7 +347,7 @@ class PostgresServer:
                 self._run([str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.superuser, "--auth=trust",
                            "--encoding=UTF8", "--locale=C", "--no-sync"], timeout_s=120, what="initdb")
                 settings = {
-                    "listen_addresses": f"'{HOST}'",
+                    "listen_addresses": f"'{self.host}'",
                     "port": str(self.port),
                     "unix_socket_directories": f"'{self.root}'",
                     # a throwaway cluster: speed over durability
@@ -353,6 +357,9 @@ class PostgresServer:
                 }
                 with open(self.data_dir / "postgresql.conf", "a") as conf:
                     conf.write("\n# tests/services.py\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+                if self.clients:
+                    with open(self.data_dir / "pg_hba.conf", "a") as hba:
+                        hba.write(f"host all all {self.clients} trust\n")
             self._run([str(bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_path), "-w",
                        "-t", str(int(self.start_timeout_s)), "start"], timeout_s=self.start_timeout_s + 15, what="pg_ctl start")
             self._running = True
@@ -369,7 +376,7 @@ class PostgresServer:
         import psycopg2
 
         password = self.password if user == self.user else None
-        return psycopg2.connect(host=HOST, port=self.port, user=user, dbname=database, password=password, connect_timeout=10)
+        return psycopg2.connect(host=self.host, port=self.port, user=user, dbname=database, password=password, connect_timeout=10)
 
     def _create_role_and_database(self) -> None:
         from psycopg2 import sql
@@ -392,7 +399,7 @@ class PostgresServer:
     def _require_password(self, bin_dir: Path) -> None:
         """`user` over TCP: password (scram-sha-256) from now on; the superuser keeps trust (the tests' own handle)."""
         hba = self.data_dir / "pg_hba.conf"
-        hba.write_text(f"host all {self.user} {HOST}/32 scram-sha-256\n" + hba.read_text())
+        hba.write_text(f"host all {self.user} {self.host}/32 scram-sha-256\n" + hba.read_text())
         self._run([str(bin_dir / "pg_ctl"), "-D", str(self.data_dir), "reload"], timeout_s=30, what="pg_ctl reload")
 
     def query(self, sql: str, params=None) -> list[tuple]:
