@@ -15,7 +15,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup postgresql promtool train serve ui test test-fast rehearsal bench lock clean
+.PHONY: setup postgresql promtool sshd train serve ui test test-fast rehearsal bench lock clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,16 @@ promtool:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null; } || \
 	  { echo "promtool is needed by the tests (the alerts' unit tests): install Debian's prometheus package (sudo apt-get install prometheus)" >&2; exit 1; }
 
+# The cluster rehearsal's machines are network namespaces that run sshd, reached by `ray up` with
+# ssh and rsync (tests/netns_hosts.py): Debian's openssh-server, openssh-client, rsync and
+# iproute2, installed the same way as PostgreSQL above. (Where the init system allows it,
+# Debian's package also starts its ssh service; the rehearsal never uses that one.)
+sshd:
+	@{ test -x /usr/sbin/sshd && command -v ssh > /dev/null && command -v rsync > /dev/null && command -v ip > /dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client rsync iproute2 > /dev/null; } || \
+	  { echo "the cluster rehearsal needs sshd, ssh, rsync and ip: install Debian's openssh-server, openssh-client, rsync and iproute2 (sudo apt-get install openssh-server openssh-client rsync iproute2)" >&2; exit 1; }
+
 train: setup
 	$(BIN)/python -m pipelines.train_imdb --data sample --epochs 1 --max-length 128 --batch-size 16 $(ARGS)
 
@@ -59,15 +69,16 @@ ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
 	  "$$($(BIN)/python -c 'from pipelines.core import storage; from pipelines.tracking import store_uri; print(store_uri.local_store(storage.default_storage())[0])')"
 
-test: setup postgresql promtool
+test: setup postgresql promtool sshd
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-# the whole cluster on one machine: S3 (moto), PostgreSQL, the MLflow server, a Ray head and
-# two worker nodes with nothing shared but the bucket and MLflow (tests/scenarios/cluster_rehearsal.py)
-rehearsal: setup postgresql
+# the whole cluster on one machine, as root: `ray up platform/cluster/onprem.yaml` on three SSH
+# hosts (network namespaces) with nothing shared but S3 (moto), PostgreSQL and the MLflow server;
+# Prometheus watches it (tests/scenarios/cluster_rehearsal.py)
+rehearsal: setup postgresql promtool sshd
 	$(BIN)/python tests/scenarios/cluster_rehearsal.py "$$(mktemp -d -t rehearsal-XXXXXX)"
 
 bench: setup

@@ -90,7 +90,7 @@ def test_passes_the_checks_ray_up_makes_before_it_calls_the_cloud(path):
 
 
 def test_the_written_files_are_what_render_py_writes_from_the_parts():
-    result = subprocess.run([sys.executable, str(REPO / "platform" / "cluster" / "render.py"), "--check"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, str(REPO / "platform" / "cluster" / "render.py"), "--check"], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
 
 

@@ -120,16 +120,20 @@ def test_killing_a_serve_replica_or_the_proxy_under_load_loses_only_what_the_pro
 
 @pytest.mark.timeout(REHEARSAL_TIMEOUT_S + 120)
 @pytest.mark.lane(cluster_rehearsal, timeout_s=REHEARSAL_TIMEOUT_S)
-def test_cluster_rehearsal_nodes_share_only_s3_and_mlflow(request):
-    """make rehearsal: S3 + PostgreSQL + the MLflow server + a 3-node Ray with nothing shared on disk."""
+def test_cluster_rehearsal_ray_up_on_ssh_hosts_that_share_only_s3_and_mlflow(request):
+    """make rehearsal: `ray up platform/cluster/onprem.yaml` on three SSH hosts (network namespaces),
+    S3 + PostgreSQL + the MLflow server, a worker host killed mid-run, Prometheus and its alerts, `ray down`."""
     result, output = lane_result(request, cluster_rehearsal)
 
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed and "error" not in result, f"failed checks: {failed}\n{result.get('error', '')}"
     # every step ran and was checked, in this order: none skipped by an early error
-    assert len(result["checks"]) == 16, [c["what"] for c in result["checks"]]
+    assert len(result["checks"]) == 23, [c["what"] for c in result["checks"]]
     assert result["stray_files"] == []
     assert sorted(result["checkpoint_store_s"]) == ["1", "2", "3"], "a checkpoint per epoch (2, then 1 resumed), timed"
-    assert "PASSED: 16/16 checks" in output
-    print("timings:", result["timings"], "checkpoint store s:", result["checkpoint_store_s"])
-
+    assert result["alert_fired_after_kill_s"] is not None, "TrainRunRestarting did not fire after the worker host was killed"
+    assert result["metrics_missing"] == [] and len(result["metrics_checked"]) > 20
+    assert all(not left for left in result["left_after_down"].values()), result["left_after_down"]
+    assert "PASSED: 23/23 checks" in output
+    print("timings:", result["timings"], "checkpoint store s:", result["checkpoint_store_s"],
+          "alert fired after the kill (s):", result["alert_fired_after_kill_s"])

@@ -29,8 +29,9 @@ def stop(ip: str, user: str, key: str) -> tuple[str, int, str]:
     command = ["ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", f"{user}@{ip}", "bash --login -c -i 'source ~/.bashrc; ray stop'"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    last = (result.stdout + result.stderr).strip().splitlines()
-    return ip, result.returncode, last[-1] if last else ""
+    # ray stop's own last line ("Stopped all 5 Ray processes."), else ssh's error
+    lines = [line for line in (result.stdout.strip().splitlines() or result.stderr.strip().splitlines()) if line.strip()]
+    return ip, result.returncode, lines[-1] if lines else ""
 
 
 def main() -> int:
