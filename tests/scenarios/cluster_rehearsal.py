@@ -165,13 +165,13 @@ def host_path(hosts: NetnsHosts, host: str, path: str) -> Path:
     return Path(path)
 
 
-def checkpoint_times(output: str, hosts: NetnsHosts) -> dict[str, float]:
+def checkpoint_times(output: str, hosts: NetnsHosts, host: str) -> dict[str, float]:
     """Epoch -> seconds rank 0 spent storing its checkpoint (into S3), from "[train] epoch N: checkpoint stored in X s".
 
-    The workers' lines are in the job's log file on the head, whose path is the output's `log:` line.
+    The workers' lines are in the command's log file on the host that ran it, whose path is the output's `log:` line.
     """
     log_file = next((line.split()[1] for line in output.splitlines() if line.startswith("log: ")), None)
-    local = host_path(hosts, "head", log_file) if log_file else None
+    local = host_path(hosts, host, log_file) if log_file else None
     full_log = local.read_text(errors="replace") if local and local.exists() else output
     times = {}
     for line in full_log.splitlines():
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         killer.join(timeout=10)
         check(killer.error is None and killer.killed is not None, f"a worker host was killed mid-run ({killer.killed}): {killer.error or 'ok'}")
         check("resuming from the checkpoint of epoch 1" in out, "the restarted workers resumed from epoch 1's checkpoint in S3")
-        result["checkpoint_store_s"] = checkpoint_times(out, hosts)
+        result["checkpoint_store_s"] = checkpoint_times(out, hosts, "head")
         check("promoted to @champion" in out, "the model was registered and promoted to @champion")
 
         # the same run continued, typed on the worker machine that is left: everything it needs is in the bucket and MLflow
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         lap("resume_s", step)
         check(resumed.returncode == 0 and "resuming from the checkpoint of epoch 2" in out,
               f"--resume typed on {survivor} (SSH) continued from epoch 2's checkpoint in S3 (exit {resumed.returncode})")
-        result["checkpoint_store_s"].update(checkpoint_times(out, hosts))
+        result["checkpoint_store_s"].update(checkpoint_times(out, hosts, survivor))
 
         checkpoint_keys = s3.list_keys(BUCKET, f"platform/ray_results/{RUN_NAME}/")
         kept = sorted({k.split("/")[3] for k in checkpoint_keys if k.split("/")[3].startswith("checkpoint_") and k.count("/") > 3})
