@@ -68,11 +68,11 @@ class ResendLostPredictions:
             return
         body, whole = await read_body(receive)
         if not whole:  # too large to keep: one try, the rest of the body streamed after what was read
-            await self.app(scope, replay(body, receive), send)
+            await self.app(scope, Replay(body, receive), send)
             return
         answer = Answer(send)
         for attempt in range(1, self.max_attempts + 1):
-            client = replay(body, receive)
+            client = Replay(body, receive)
             await self.app(scope, client, answer.send_with_attempts(attempt))
             if answer.started or client.hung_up:
                 return
@@ -128,7 +128,7 @@ async def read_body(receive: Receive) -> tuple[list[Message], bool]:
             return messages, False
 
 
-class replay:  # noqa: N801 - used like a function: a `receive` that replays the kept body
+class Replay:
     """An ASGI `receive` giving the kept body messages, then the client's own `receive` (which
     blocks until the client hangs up: the proxy watches it to cancel abandoned requests)."""
 
