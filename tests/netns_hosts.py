@@ -90,10 +90,10 @@ def remove_leftovers() -> list[str]:
                     os.kill(int(pid), signal.SIGKILL)
             _run("ip", "netns", "delete", name, check=False)
             removed.append(f"netns {name}")
-    for match in re.finditer(rf"^\d+: ({PREFIX}(\d+)br)[:@]", _run("ip", "-o", "link", "show").stdout, re.MULTILINE):
+    for match in re.finditer(rf"^\d+: ({PREFIX}(\d+)(?:br|v\d+))[:@]", _run("ip", "-o", "link", "show").stdout, re.MULTILINE):
         if not _pid_alive(int(match.group(2))):
             _run("ip", "link", "delete", match.group(1), check=False)
-            removed.append(f"bridge {match.group(1)}")
+            removed.append(f"link {match.group(1)}")
     for folder in HOSTS_BASE.glob(f"{PREFIX}-*"):
         match = re.fullmatch(rf"{PREFIX}-(\d+)", folder.name)
         if match and not _pid_alive(int(match.group(1))):
@@ -280,7 +280,10 @@ class NetnsHosts:
         for host in self.hosts.values():
             with contextlib.suppress(Exception):
                 host.kill()
-            _run("ip", "netns", "delete", host.netns, check=False)  # takes its veth pair along
+            # the veth pair first, from this side: a namespace outlives `ip netns delete` while any
+            # other mount namespace still holds its /run/netns mount (seen here: a leftover veth)
+            _run("ip", "link", "delete", host.veth, check=False)
+            _run("ip", "netns", "delete", host.netns, check=False)
         _run("ip", "link", "delete", self.bridge, check=False)
         if not keep_folders:
             shutil.rmtree(self.root, ignore_errors=True)

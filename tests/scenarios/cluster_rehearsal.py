@@ -40,6 +40,7 @@ Prints what it checked, one summary line, and one `SCENARIO_RESULT {json}` line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -362,7 +363,7 @@ def client_answer(output: str) -> dict:
 
 def ssh_control_folders(cluster_name: str) -> list[Path]:
     """The launcher's SSH control sockets of this cluster: Ray keeps them in /tmp/ray_ssh_<user>/<cluster>, whatever TMPDIR says."""
-    return list(Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha1(cluster_name.encode()).hexdigest()[:10]}"))
+    return list(Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(cluster_name.encode()).hexdigest()[:10]}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     def lap(name: str, since: float) -> None:
         timings[name] = round(time.monotonic() - since, 1)
 
-    # SIGINT (Ctrl-C, the lane's stop) and SIGTERM: the `finally` below removes hosts and servers
+    # SIGINT (Ctrl-C, the lane's stop) and SIGTERM: the `finally` below removes hosts and servers.
+    # SIGINT explicitly too: a shell's background job starts with it ignored, and Python keeps that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # the hosts see the repository, the venv and its Python (pyenv keeps it under /root) at their paths
     hosts = NetnsHosts(list(HOST_NAMES), shared_paths=[REPO, VENV, Path(sys.base_prefix).resolve()])
@@ -609,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         if config is not None:
             for folder in ssh_control_folders(config["cluster_name"]):
                 shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # Ray's folder for this user, if no other cluster uses it
+                    folder.parent.rmdir()
 
     # the hosts' folders, the servers' folders and the bucket: nothing else may have changed
     stray = files_written_since(
