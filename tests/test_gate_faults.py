@@ -179,6 +179,31 @@ def test_two_registrations_finishing_together_leave_the_better_as_champion(gate_
     assert tags[registry.DECISION_TAG] == registry.KEPT or tags.get(registry.SUPERSEDED_TAG) == better, tags
 
 
+def test_a_worse_move_landing_after_the_better_finished_hands_the_alias_back(gate_server):
+    """The loaded-machine race: the worse registration decided against the old champion, and its
+    move lands only after the better one moved, read back and returned. Timing cannot see it
+    (CI saw the worse left champion once); the better one's record can."""
+    uri, _ = gate_server
+    direct = client_of(uri)
+    name, (better, worse) = model_with_champion(direct, 0.60, 0.80, 0.70)
+    finished = {}
+    slow = client_of(uri)
+    move = slow.set_registered_model_alias
+
+    def move_landing_late(*args):  # the worse read the old champion right before; its move is "in flight"
+        if not finished:
+            finished[better] = registry.apply_gate(client_of(uri), name, better, "auto", 0.80, DATASET)
+        return move(*args)
+
+    slow.set_registered_model_alias = move_landing_late
+    late = registry.apply_gate(slow, name, worse, "auto", 0.70, DATASET)
+    assert finished[better].promote and champion_of(direct, name) == better
+    assert not late.promote and late.champion_version == better
+    tags = direct.get_model_version(name, worse).tags
+    assert tags[registry.DECISION_TAG] == registry.KEPT and tags[registry.SUPERSEDED_TAG] == better, tags
+    assert direct.get_model_version(name, better).tags[registry.DECISION_TAG] == registry.PROMOTED
+
+
 def promote_cli(uri: str, name: str, version: str, storage: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CLIENT_TIMEOUT_S)}
     return subprocess.run(

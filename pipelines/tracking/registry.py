@@ -14,7 +14,10 @@ version once the registry is back.
 The alias moves last: the version's figures, gate tags and model card are written first
 (`before_promotion`). Right before the move the champion is read again, and the decision
 taken again if it changed; right after, the alias is read back, and if another registration
-moved it in between, the two are compared and the better one is left as champion.
+moved it in between, the two are compared and the better one is left as champion. And a
+registration that finds itself champion after its move looks for a rival that compared with the
+same champion and beats it (`better_rival`, from the records each writes before its move): a
+move that lands after the other's read-back would otherwise leave the worse one champion.
 """
 
 from __future__ import annotations
@@ -139,10 +142,14 @@ def _promote(client, name, version, mode, test_accuracy, dataset_hash, decision,
     reads the alias back and finds the other there compares the two again: the better stays
     (on a tie, the newer version). `--promote always` moves once and does not compare.
     """
+    raced_against = decision.champion_version  # the champion every racing registration compared with
     for _ in range(MOVE_ATTEMPTS):
         champion = read_champion(client, name)
         holder = None if champion is None else str(champion.version)
         if holder == version:
+            rival = better_rival(client, name, version, mode, test_accuracy, dataset_hash, raced_against)
+            if rival is not None:
+                return _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record)
             _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
             return decision
         displaced = None
@@ -164,9 +171,47 @@ def _promote(client, name, version, mode, test_accuracy, dataset_hash, decision,
         time.sleep(SETTLE_S)
     champion = read_champion(client, name)  # the last move's read-back: it may have held
     if champion is not None and str(champion.version) == version:
+        rival = better_rival(client, name, version, mode, test_accuracy, dataset_hash, raced_against)
+        if rival is not None:
+            return _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record)
         _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
         return decision
     raise GateError(f"@{CHAMPION} of {name} kept moving under this registration ({MOVE_ATTEMPTS} tries)")
+
+
+def better_rival(client: MlflowClient, name: str, version: str, mode: str, test_accuracy: float, dataset_hash: str,
+                 raced_against: str | None):
+    """A concurrent registration that beats `version`: it compared with the same champion, decided to
+    promote (its record says pending or promoted) and wins by the gate's rule; None when there is none.
+
+    Timing alone cannot settle a race: a registration that read the old champion may land its move
+    after this one's read-back (seconds later on a loaded machine). Records can: each writes its own
+    before it moves, so whichever moves last sees every rival that moved before it.
+    """
+    if mode != "auto":
+        return None
+    best = None
+    for other in client.search_model_versions(f"name='{name}'"):
+        tags = other.tags or {}
+        if str(other.version) == version or tags.get(DECISION_TAG) not in (PENDING, PROMOTED):
+            continue
+        if tags.get("gate.champion_version") != (raced_against or "none") or ACCURACY_TAG not in tags:
+            continue
+        beats_this = not decide(mode, test_accuracy, dataset_hash, other, version).promote
+        if beats_this and (best is None or decide(mode, float(tags[ACCURACY_TAG]), dataset_hash, best, str(other.version)).promote):
+            best = other
+    return best
+
+
+def _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record) -> GateDecision:
+    """This version holds @champion but a concurrent, better one decided to promote: the alias goes to it."""
+    decision = decide(mode, test_accuracy, dataset_hash, rival, version)
+    _set_tags(client, name, version, gate_tags(decision, KEPT))
+    record(decision)
+    client.set_registered_model_alias(name, CHAMPION, str(rival.version))
+    _set_tags(client, name, version, {SUPERSEDED_TAG: str(rival.version)})
+    log.info("models:/%s/%s: @%s handed to v%s, a concurrent registration that beats it", name, version, CHAMPION, rival.version)
+    return decision
 
 
 def _tag_error(client: MlflowClient, name: str, version: str, reason: str) -> None:
