@@ -147,11 +147,7 @@ def _promote(client, name, version, mode, test_accuracy, dataset_hash, decision,
         champion = read_champion(client, name)
         holder = None if champion is None else str(champion.version)
         if holder == version:
-            rival = better_rival(client, name, version, mode, test_accuracy, dataset_hash, raced_against)
-            if rival is not None:
-                return _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record)
-            _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
-            return decision
+            return _keep_or_hand_over(client, name, version, mode, test_accuracy, dataset_hash, decision, raced_against, record)
         displaced = None
         if holder != decision.champion_version:  # another registration moved it since we decided
             decision = decide(mode, test_accuracy, dataset_hash, champion, version)
@@ -171,11 +167,7 @@ def _promote(client, name, version, mode, test_accuracy, dataset_hash, decision,
         time.sleep(SETTLE_S)
     champion = read_champion(client, name)  # the last move's read-back: it may have held
     if champion is not None and str(champion.version) == version:
-        rival = better_rival(client, name, version, mode, test_accuracy, dataset_hash, raced_against)
-        if rival is not None:
-            return _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record)
-        _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
-        return decision
+        return _keep_or_hand_over(client, name, version, mode, test_accuracy, dataset_hash, decision, raced_against, record)
     raise GateError(f"@{CHAMPION} of {name} kept moving under this registration ({MOVE_ATTEMPTS} tries)")
 
 
@@ -203,8 +195,13 @@ def better_rival(client: MlflowClient, name: str, version: str, mode: str, test_
     return best
 
 
-def _hand_over(client, name, version, mode, test_accuracy, dataset_hash, rival, record) -> GateDecision:
-    """This version holds @champion but a concurrent, better one decided to promote: the alias goes to it."""
+def _keep_or_hand_over(client, name, version, mode, test_accuracy, dataset_hash, decision, raced_against, record) -> GateDecision:
+    """This version holds @champion after its move: promoted, unless a concurrent, better one decided
+    to promote too; then the alias goes to that one."""
+    rival = better_rival(client, name, version, mode, test_accuracy, dataset_hash, raced_against)
+    if rival is None:
+        _set_tags(client, name, version, {DECISION_TAG: PROMOTED})
+        return decision
     decision = decide(mode, test_accuracy, dataset_hash, rival, version)
     _set_tags(client, name, version, gate_tags(decision, KEPT))
     record(decision)
