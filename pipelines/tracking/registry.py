@@ -38,6 +38,7 @@ CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
 DATASET_TAG = "dataset_content_hash"
 DECISION_TAG = "gate.decision"  # pending -> promoted | kept_champion | error
+CHAMPION_VERSION_TAG = "gate.champion_version"  # the champion a version's gate compared with
 SUPERSEDED_TAG = "gate.superseded_by"  # on a version that held @champion until a concurrent, better one took it
 PENDING, PROMOTED, KEPT, ERROR = "pending", "promoted", "kept_champion", "error"
 MOVE_ATTEMPTS = 4  # alias moves before giving up on a registry that others keep moving
@@ -103,7 +104,7 @@ def gate_tags(decision: GateDecision, state: str) -> dict[str, str]:
         DECISION_TAG: state,
         "gate.reason": decision.reason,
         "gate.candidate_accuracy": f"{decision.candidate_accuracy:.6f}",
-        "gate.champion_version": decision.champion_version or "none",
+        CHAMPION_VERSION_TAG: decision.champion_version or "none",
         "gate.champion_accuracy": "none" if decision.champion_accuracy is None else f"{decision.champion_accuracy:.6f}",
     }
 
@@ -187,7 +188,7 @@ def better_rival(client: MlflowClient, name: str, version: str, mode: str, test_
         tags = other.tags or {}
         if str(other.version) == version or tags.get(DECISION_TAG) not in (PENDING, PROMOTED):
             continue
-        if tags.get("gate.champion_version") != (raced_against or "none") or ACCURACY_TAG not in tags:
+        if tags.get(CHAMPION_VERSION_TAG) != (raced_against or "none") or ACCURACY_TAG not in tags:
             continue
         beats_this = not decide(mode, test_accuracy, dataset_hash, other, version).promote
         if beats_this and (best is None or decide(mode, float(tags[ACCURACY_TAG]), dataset_hash, best, str(other.version)).promote):
