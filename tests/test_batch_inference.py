@@ -250,6 +250,7 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
 
     import httpx
     from ray import serve
+    from ray.util.state import list_actors
 
     from serve.app import build_app
     from serve.settings import ModelSource, ServingConfig
@@ -263,11 +264,17 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     rng = np.random.default_rng(3)
     int8_alone = int8_alone[1][: len(review_texts)]  # the fixture's texts start with these
+    replicas: set[str] = set()
     try:
         for backend in ("torch", "onnx", "onnx-int8"):
             serving = ServingConfig(model_version=version, poll_interval_s=0, backend=backend, max_text_chars=100_000, max_body_bytes=8 * 1024**2)
-            serve.run(build_app(source, serving, num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5}),
-                      name="agreement", route_prefix="/")
+            app = build_app(source, serving, num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5})
+            # a code version that stays, as `serve deploy` of a config file keeps it: the next backend
+            # is then a user_config change, which Serve hands to the running replica's reconfigure
+            # (it reloads the model) instead of starting a new replica (serve.run draws a new version)
+            app._bound_deployment._version = "agreement"
+            serve.run(app, name="agreement", route_prefix="/")
+            replicas |= {a.actor_id for a in list_actors(filters=[("class_name", "=", "ServeReplica:agreement:SentimentClassifier"), ("state", "=", "ALIVE")])}
             expected = list(pyfunc.predict(review_texts, params={"backend": backend})["label"])
             v1, v2, v1_probabilities, v2_probabilities = [], [], [], []
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
@@ -290,6 +297,7 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
             if backend == "onnx-int8":  # a text's answer does not depend on the batch its request made
                 np.testing.assert_allclose(np.array(v1_probabilities), int8_alone, atol=1e-6)
                 np.testing.assert_allclose(np.array(v2_probabilities).reshape(-1, 2), int8_alone, atol=1e-6)
+        assert len(replicas) == 1, f"a backend switch started new replicas {replicas}: it is a user_config change, applied in place"
     finally:
         serve.shutdown()
 
