@@ -110,5 +110,10 @@ class Prometheus:
         targets = self._get("/api/v1/targets", state="active")["activeTargets"]
         return sorted(t["labels"]["instance"] for t in targets if t["labels"].get("job") == job and t["health"] == "up")
 
+    def target_jobs(self, scrape_pool: str) -> set[str]:
+        """The `job` labels of a scrape job's targets, up or down."""
+        targets = self._get("/api/v1/targets", state="active")["activeTargets"]
+        return {t["labels"].get("job", "") for t in targets if t.get("scrapePool") == scrape_pool}
+
     def firing(self, alert: str) -> list[dict]:
         return [a for a in self._get("/api/v1/alerts")["alerts"] if a["labels"].get("alertname") == alert and a["state"] == "firing"]

@@ -421,8 +421,10 @@ def test_prometheus_scrapes_dcgm_on_ray_nodes_and_kuberay_has_the_monitors():
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     dcgm = next(job for job in config["scrape_configs"] if job["job_name"] == "dcgm")
     assert [f for sd in dcgm["file_sd_configs"] for f in sd["files"]] == ["/tmp/ray/prom_metrics_service_discovery.json"]
-    (relabel,) = dcgm["relabel_configs"]
-    assert re.sub(relabel["regex"], relabel["replacement"].replace("${1}", r"\1"), "10.0.0.7:8080") == "10.0.0.7:9400"
+    address, job = dcgm["relabel_configs"]
+    assert re.sub(address["regex"], address["replacement"].replace("${1}", r"\1"), "10.0.0.7:8080") == "10.0.0.7:9400"
+    # Ray's discovery file gives its targets job="ray": the job is named again (the rehearsal sees it on its targets)
+    assert job == {"target_label": "job", "replacement": "dcgm"}
     monitors = {doc["kind"]: doc for doc in load_all(MONITORING / "kuberay-monitors.yaml")}
     assert monitors["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert monitors["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == {"app": "nvidia-dcgm-exporter"}

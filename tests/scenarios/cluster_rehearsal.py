@@ -16,13 +16,12 @@ settings pointing at the services, and the software already there (platform/clus
 the repository and its venv are on every host's filesystem, nothing is installed); the head
 starts over SSH, the autoscaler on the head starts the workers over SSH. Prometheus runs on
 the head with platform/monitoring/prometheus.yml (tests/prometheus_check.py). Then, through
-`ray job submit`: prepare a small synthetic corpus to S3 (and again: a no-op) -> train with
-two workers; a worker host that runs Train workers is killed (every process of the machine,
+`ray job submit`: prepare a small synthetic corpus to S3 -> train three epochs with two
+workers; a worker host that runs Train workers is killed (every process of the machine,
 at once) after the first epoch's checkpoint; training resumes from the checkpoint in S3 on
 the nodes left, the model is registered and promoted in the PostgreSQL-backed registry, and
-Prometheus fires TrainRunRestarting -> the run continued for one more epoch with `--resume`,
-typed on the surviving worker machine (over SSH) -> a one-trial sweep registers its best
-trial without promoting it -> Serve on the cluster loads the champion through the MLflow
+Prometheus fires TrainRunRestarting -> a one-trial sweep, typed on the surviving worker
+machine (over SSH, its driver there), registers its best trial without promoting it -> Serve on the cluster loads the champion through the MLflow
 server (tried on the head with `ray exec`), then follows the alias to the sweep's version ->
 every metric an alert or a dashboard panel uses had series in Prometheus -> `ray down`
 (after platform/cluster/stop_workers.py, which ray down does not do) and no Ray process is
@@ -470,19 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         keys = s3.list_keys(BUCKET, f"platform/datasets/{DATASET}/")
         manifests = [k for k in keys if k.endswith("/manifest.json")]
         check(len(manifests) == 1 and any(k.endswith(".parquet") for k in keys), f"shards and one manifest in the bucket ({len(keys)} objects)")
-        before = {k: s3.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in keys}
-        step = time.monotonic()
-        out = launcher.submit(prepare_args(corpus_on_head), "prepare-2")
-        lap("prepare_again_s", step)
-        after = {k: s3.client().head_object(Bucket=BUCKET, Key=k)["ETag"] for k in s3.list_keys(BUCKET, f"platform/datasets/{DATASET}/")}
-        check("already prepared" in out and after == before, "the same prepare again is a no-op (no object written)")
 
         killer = NodeKiller(hosts, gcs_address, tracking_uri)
         watcher = AlertWatcher(prometheus, killer)
         killer.start()
         watcher.start()
         step = time.monotonic()
-        out = launcher.submit(train_args(epochs=2, model=model), "train")
+        out = launcher.submit(train_args(epochs=3, model=model), "train")
         lap("train_s", step)
         killer.join(timeout=10)
         check(killer.error is None and killer.killed is not None, f"a worker host was killed mid-run ({killer.killed}): {killer.error or 'ok'}")
@@ -490,26 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         result["checkpoint_store_s"] = checkpoint_times(out, hosts, "head")
         check("promoted to @champion" in out, "the model was registered and promoted to @champion")
 
-        # the same run continued, typed on the worker machine that is left: everything it needs is in the bucket and MLflow
-        survivor = next((n for n in HOST_NAMES[1:] if n != killer.killed), "worker-1")
-        resume = " ".join(shlex.quote(a) for a in ["python", *train_args(epochs=3, model=model), "--resume", "--no-onnx-variants"])
-        step = time.monotonic()
-        resumed = subprocess.run(hosts.ssh_command(hosts[survivor], f"bash --login -c -i {shlex.quote(f'source ~/.bashrc; RAY_ADDRESS={gcs_address} {resume}')}"),
-                                 capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
-        out = resumed.stdout + resumed.stderr
-        (logs / "train-resume.log").write_text(out)
-        lap("resume_s", step)
-        check(resumed.returncode == 0 and "resuming from the checkpoint of epoch 2" in out,
-              f"--resume typed on {survivor} (SSH) continued from epoch 2's checkpoint in S3 (exit {resumed.returncode})")
-        result["checkpoint_store_s"].update(checkpoint_times(out, hosts, survivor))
-
         checkpoint_keys = s3.list_keys(BUCKET, f"platform/ray_results/{RUN_NAME}/")
         kept = sorted({k.split("/")[3] for k in checkpoint_keys if k.split("/")[3].startswith("checkpoint_") and k.count("/") > 3})
-        # num_to_keep=2: 2 expected. Once (2026-12-07, alone on the machine) all 3 epochs' checkpoints
-        # were still there after the --resume run, the oldest not pruned; why is not understood yet,
-        # so one over is allowed here rather than failing the rehearsal on it (the note says so)
-        check(2 <= len(kept) <= 3 and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept),
-              f"checkpoints in the bucket, the oldest pruned (num_to_keep=2, one over allowed: {kept}; {len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
+        check(len(kept) == 2 and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept),
+              f"checkpoints in the bucket, the oldest pruned (num_to_keep=2: {kept}; {len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
         artifact_keys = s3.list_keys(BUCKET, "mlflow-artifacts/")
         check(any(k.endswith("model.safetensors") for k in artifact_keys) and any(k.endswith("console.log") for k in artifact_keys),
               f"model files and the run's console.log in the bucket through the MLflow server on the head ({len(artifact_keys)} objects)")
@@ -517,16 +494,23 @@ def main(argv: list[str] | None = None) -> int:
         runs = postgres.query("SELECT run_uuid, status FROM runs WHERE name = %s", (RUN_NAME,))
         check(len(runs) == 1 and runs[0][1] == "FINISHED", f"the run is a row in PostgreSQL, FINISHED ({runs})")
         epochs = postgres.query("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train/loss' ORDER BY step", (runs[0][0],)) if runs else []
-        check([e[0] for e in epochs] == [1, 2, 3], f"each epoch logged once in PostgreSQL, across the kill and the resume ({[e[0] for e in epochs]})")
+        check([e[0] for e in epochs] == [1, 2, 3], f"each epoch logged once in PostgreSQL, across the kill ({[e[0] for e in epochs]})")
         alias = postgres.query("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'", (MODEL_NAME,))
         versions = postgres.query("SELECT version, run_id FROM model_versions WHERE name = %s", (MODEL_NAME,))
-        check(len(versions) == 2 and {v[1] for v in versions} == {runs[0][0]} and bool(alias),
-              f"both registered versions and the @champion alias are rows in PostgreSQL ({versions}, champion {alias})")
+        check(len(versions) == 1 and {v[1] for v in versions} == {runs[0][0]} and bool(alias),
+              f"the registered version and the @champion alias are rows in PostgreSQL ({versions}, champion {alias})")
 
-        # a sweep on the same cluster: trials are Train jobs, every one an MLflow run in PostgreSQL
+        # a sweep on the same cluster, typed on the worker machine that is left (its driver runs
+        # there): everything it needs is in the bucket and MLflow; trials are Train jobs, every
+        # one an MLflow run in PostgreSQL
+        survivor = next((n for n in HOST_NAMES[1:] if n != killer.killed), "worker-1")
+        sweep = " ".join(shlex.quote(a) for a in ["python", *sweep_args(model)])
         step = time.monotonic()
-        launcher.submit(sweep_args(model), "sweep")
+        swept = subprocess.run(hosts.ssh_command(hosts[survivor], f"bash --login -c -i {shlex.quote(f'source ~/.bashrc; RAY_ADDRESS={gcs_address} {sweep}')}"),
+                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+        (logs / "sweep.log").write_text(swept.stdout + swept.stderr)
         lap("sweep_s", step)
+        check(swept.returncode == 0, f"the sweep typed on {survivor} (SSH) ran on the cluster (exit {swept.returncode})")
         sweep_runs = postgres.query(
             "SELECT r.status, EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId') "
             "FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = 'imdb-sentiment-sweeps'"
@@ -536,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
               f"the sweep: a parent run and its trial run, FINISHED, rows in PostgreSQL ({sweep_runs})")
         versions_after = postgres.query("SELECT version FROM model_versions WHERE name = %s", (MODEL_NAME,))
         alias_after = postgres.query("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'", (MODEL_NAME,))
-        check(len(versions_after) == 3 and alias_after == alias and s3.list_keys(BUCKET, "platform/tune_results/rehearsal-sweep/"),
-              "the sweep's best trial registered as version 3, @champion kept (--promote never), sweep state in the bucket")
+        check(len(versions_after) == 2 and alias_after == alias and s3.list_keys(BUCKET, "platform/tune_results/rehearsal-sweep/"),
+              "the sweep's best trial registered as version 2, @champion kept (--promote never), sweep state in the bucket")
 
         # Serve as a job on the cluster; tried on the head (`ray exec`), where it listens
         step = time.monotonic()
@@ -553,10 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         # a rollout: the alias moves to the sweep's version and the replica follows it (a hot swap)
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "champion", "3")
-        answer = client_answer(launcher.exec(f"{client} --wait-for-version 3 --timeout-s 60", "serve-client-2"))
+        MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "champion", "2")
+        answer = client_answer(launcher.exec(f"{client} --wait-for-version 2 --timeout-s 60", "serve-client-2"))
         served = {str(p.get("model_version")) for p in answer.get("answer", {}).get("predictions", [])}
-        check(served == {"3"}, f"the replica followed @champion to version 3 ({served})")
+        check(served == {"2"}, f"the replica followed @champion to version 2 ({served})")
 
         # Prometheus: the restarting-run alert, then every metric an alert or a panel uses
         watcher.join(timeout=max(0.0, 60 - (time.monotonic() - (killer.killed_at or time.monotonic()))))
@@ -564,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         result["alert_fired_after_kill_s"] = watcher.fired_after_s
         check(watcher.fired_after_s is not None,
               f"Prometheus fired TrainRunRestarting {watcher.fired_after_s} s after the kill ({(watcher.labels or {}).get('ray_train_run_name')})")
+        # the DCGM job's targets (no exporter here: down) keep their job's name, not Ray's file's job="ray"
+        dcgm_jobs = prometheus.target_jobs("dcgm")
+        check(dcgm_jobs == {"dcgm"}, f"the dcgm scrape job's targets are labelled job=\"dcgm\" ({sorted(dcgm_jobs)})")
         must, cannot = used_metrics()
         targets = prometheus.targets_up("ray")
         missing_series: list[str] = []
