@@ -5,6 +5,8 @@ storage root; then the MLflow store it wrote. The console must be short and quie
 library warnings, no line twice), show the stages and progress bars, and leave a run
 whose page shows pictures, a description and its data; a failing run must say where it
 failed and keep its log in MLflow. Both runs go in the lane beside the other tests (tests/lane.py).
+The first run is tests/first_run.py's, made once for this test and tests/test_secrets.py: it
+writes to a password-checking PostgreSQL, so what it left in MLflow is read while that is up.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.first_run import TIMEOUT_S as FIRST_RUN_TIMEOUT_S
+from tests.first_run import first_run, train_args
 from tests.lane import lane_result
 from tests.tiny_model import build_in_subprocess
 
@@ -42,11 +46,6 @@ def tiny_model(workdir: Path, env: dict) -> str:
     return build_in_subprocess(workdir, env)[0]
 
 
-def train_args(model_dir: str) -> list[str]:
-    return ["--data", "sample", "--model", model_dir, "--epochs", "2", "--max-steps-per-epoch", "3",
-            "--max-length", "32", "--batch-size", "8", "--eval-batch-size", "128", "--register-as", "console-test"]
-
-
 def screen_lines(output: str) -> list[str]:
     """Lines as a terminal shows them: a carriage return redraws the line."""
     return [line.split("\r")[-1] for line in output.splitlines()]
@@ -59,19 +58,14 @@ def mlflow_client(storage: Path):
     return MlflowClient(uri, registry_uri=uri)  # not the registry another test set process-wide
 
 
-def first_run(workdir: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path]:
-    """A user's first run on the tiny model; (the process, its storage root)."""
-    storage = workdir / "storage"
-    return run_cli(train_args(tiny_model(workdir, env)), storage, env), storage
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.lane(first_run, timeout_s=420)
+@pytest.mark.lane(first_run, timeout_s=FIRST_RUN_TIMEOUT_S)
 def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(request):
-    result, storage = lane_result(request, first_run)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    """A user's first run (tests/first_run.py: the one that tests/test_secrets.py searches for secrets too)."""
+    result = lane_result(request, first_run)
+    output = result["output"]
+    assert result["returncode"] == 0, output[-4000:]
     lines = screen_lines(output)
     assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n{output}"
     said = [line for line in lines if line.strip()]
@@ -90,19 +84,15 @@ def test_train_cli_prints_a_short_quiet_console_and_leaves_a_full_run(request):
     assert "RayTrainWorker" in full_log  # the workers' output went to the log file
     assert full_log.count("[train] epoch 1: checkpoint stored in") == 1, "a worker line reached the log twice"
 
-    client = mlflow_client(storage)
-    run = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])[0]
-    assert run.info.status == "FINISHED"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
-    assert "console.log" in artifacts
-    assert {"pictures/confusion_matrix.png", "pictures/training_curves.png", "pictures/roc_pr_curves.png"} <= artifacts
-    assert "test accuracy" in run.data.tags["mlflow.note.content"]
-    inputs = {(d.dataset.name.rsplit(":", 1)[1], {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
-    assert inputs == {("train", "training"), ("val", "validation"), ("test", "test")}
-    assert 0.0 <= run.data.metrics["test/roc_auc"] <= 1.0
-    assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 6  # 3 steps x 2 epochs
-    card = client.get_model_version("console-test", "1").description
-    assert "## Evaluation" in card and run.info.run_id in card and "synthetic" in card
+    run = result["mlflow"]
+    assert run["status"] == "FINISHED"
+    assert "console.log" in run["artifacts"]
+    assert {"pictures/confusion_matrix.png", "pictures/training_curves.png", "pictures/roc_pr_curves.png"} <= run["artifacts"]
+    assert "test accuracy" in run["note"]
+    assert run["inputs"] == {("train", "training"), ("val", "validation"), ("test", "test")}
+    assert 0.0 <= run["metrics"]["test/roc_auc"] <= 1.0
+    assert run["step_losses"] == 6  # 3 steps x 2 epochs
+    assert "## Evaluation" in run["card"] and run["run_id"] in run["card"] and "synthetic" in run["card"]
 
 
 def run_on_damaged_shards(workdir: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path]:
