@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_sweep(manifest, storage, model) -> SweepConfig:
     return SweepConfig(
-        num_samples=3,
+        num_samples=2,  # seed 8 below samples lr 2.0e-5, then 8.9e-3: ASHA stops the second at its rung
         max_concurrent=1,  # one trial (1 CPU worker + data) fits 2 CPUs
         scheduler="asha",
         metric="val/loss",  # continuous: a tiny model's accuracy ties at 0.5 early on
@@ -51,7 +51,7 @@ def tiny_sweep(manifest, storage, model) -> SweepConfig:
             storage=str(storage),
             experiment="sweep-tests",
             register_as="tiny-sweep",
-            seed=3,
+            seed=8,  # the trials' lrs (Tune's random_state) and the model's init
             onnx_variants=False,  # registration's variants are tested in tests/test_batch_inference.py
         ),
     )
