@@ -249,6 +249,7 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
     import socket
 
     import httpx
+    import ray
     from ray import serve
     from ray.util.state import list_actors
 
@@ -274,7 +275,8 @@ def test_serve_answers_v1_and_v2_with_the_pyfunc_labels_on_each_backend(register
             # (it reloads the model) instead of starting a new replica (serve.run draws a new version)
             app._bound_deployment._version = "agreement"
             serve.run(app, name="agreement", route_prefix="/")
-            replicas |= {a.actor_id for a in list_actors(filters=[("class_name", "=", "ServeReplica:agreement:SentimentClassifier"), ("state", "=", "ALIVE")])}
+            replicas |= {a.actor_id for a in list_actors(address=ray.get_runtime_context().gcs_address,  # other Rays run beside the suite
+                                                         filters=[("class_name", "=", "ServeReplica:agreement:SentimentClassifier"), ("state", "=", "ALIVE")])}
             expected = list(pyfunc.predict(review_texts, params={"backend": backend})["label"])
             v1, v2, v1_probabilities, v2_probabilities = [], [], [], []
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:

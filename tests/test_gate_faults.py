@@ -103,14 +103,18 @@ def test_a_registry_fault_at_any_call_of_the_gate_promotes_nothing(gate_server, 
     assert tags["gate.reason"], tags
 
 
+# the calls after the alias moved: the read-back of the model's aliases, then the search for a better concurrent rival
+CALLS_AFTER_THE_MOVE = {"read back the aliases": "/registered-models/get", "search the versions for a better rival": "/model-versions/search"}
+
+
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_fault_after_the_alias_moved_leaves_a_champion_that_was_compared_and_won(gate_server, fast_failing_client, fault):
-    """The read-back after the move fails: the move stands (the candidate beat the champion it read), the run still fails."""
+@pytest.mark.parametrize("call", list(CALLS_AFTER_THE_MOVE))
+def test_a_fault_after_the_alias_moved_leaves_a_champion_that_was_compared_and_won(gate_server, fast_failing_client, call, fault):
+    """A call after the move fails: the move stands (the candidate beat the champion it read), the run still fails."""
     uri, proxy = gate_server
     direct = client_of(uri)
     name, (candidate,) = model_with_champion(direct, 0.70, 0.80)
-    # the first read of the model after the alias moved: the read-back
-    proxy.arm(Fault("GET", "/registered-models/get", fault, after="/registered-models/alias", hang_s=CLIENT_TIMEOUT_S * 3))
+    proxy.arm(Fault("GET", CALLS_AFTER_THE_MOVE[call], fault, after="/registered-models/alias", hang_s=CLIENT_TIMEOUT_S * 3))
     with pytest.raises(registry.GateError):
         registry.apply_gate(client_of(proxy.url), name, candidate, "auto", 0.80, DATASET)
     assert proxy.fired()

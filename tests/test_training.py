@@ -62,7 +62,9 @@ def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
 
     storage = tmp_path_factory.mktemp("train-storage")
     marker = storage / "fault-injected"
-    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, cache_tokenized="no")
+    # torch alone: a run that registers the ONNX variants is tests/first_run.py's (through the CLI)
+    # and the rehearsal's; test_batch_inference.py checks the variants themselves
+    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, cache_tokenized="no", onnx_variants=False)
     outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
     assert marker.exists(), "the failure was never injected"
     return config, outcome
@@ -84,7 +86,7 @@ def minilm_run(ray_session, sample_manifest, tmp_path_factory):
         data=sample_manifest.root.uri, model=None, epochs=1, batch_size=16,
         max_length=64, lr=2e-4, storage=str(tmp_path_factory.mktemp("minilm-storage")),
         register_as="minilm-imdb", experiment="tests-e2e", max_failures=0,
-        onnx_variants=False,  # learning is what is tested here; first_run registers the variants
+        onnx_variants=False,  # learning is what is tested here; tests/first_run.py's run registers the variants
     )
     return config, run_training(config)
 
@@ -148,9 +150,8 @@ def test_model_is_registered_promoted_and_loadable(first_run):
     assert str(champion.version) == outcome.registered_version
     assert champion.tags["gate.decision"] == "promoted"
     assert float(champion.tags[registry.ACCURACY_TAG]) == pytest.approx(outcome.metrics["test/accuracy"], abs=1e-6)
-    # the registered pyfunc carries the run's preprocessing and scored variants
-    assert {champion.tags[f"backend.{b}.usable"] for b in ("torch", "onnx", "onnx-int8")} <= {"true", "false"}
-    assert champion.tags["backend.torch.usable"] == "true" and champion.tags["backend.default"] in ("torch", "onnx", "onnx-int8")
+    # the registered pyfunc carries the run's preprocessing; scored on torch alone (--no-onnx-variants)
+    assert champion.tags["backend.torch.usable"] == "true" and champion.tags["backend.default"] == "torch"
     answers = mlflow.pyfunc.load_model(f"models:/{config.register_as}@champion").predict(["a wonderful film", "<p>dull</p> " * 400])
     assert list(answers["label"]) == [("negative", "positive")[i] for i in answers["label_id"]] and len(answers) == 2
     assert answers[["probability_negative", "probability_positive"]].sum(axis=1).round(5).eq(1.0).all()
