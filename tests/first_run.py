@@ -85,7 +85,7 @@ def first_run(workdir: Path, env: dict) -> dict:
         tables = [row[0] for row in postgres.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
         searched = [work, tmp]
         return {
-            "returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr, "output": run.stdout + run.stderr,
+            "returncode": run.returncode, "output": run.stdout + run.stderr,
             "mlflow": mlflow_view(uri) if run.returncode == 0 else {},
             "tables": tables,
             "in_database": [table for table in tables if any(s in str(postgres.query(f'SELECT * FROM "{table}"')) for s in (PASSWORD, API_KEY))],
