@@ -21,8 +21,9 @@ workers; a worker host that runs Train workers is killed (every process of the m
 at once) after the first epoch's checkpoint; training resumes from the checkpoint in S3 on
 the nodes left, the model is registered and promoted in the PostgreSQL-backed registry, and
 Prometheus fires TrainRunRestarting -> a one-trial sweep, typed on the surviving worker
-machine (over SSH, its driver there), registers its best trial without promoting it -> Serve on the cluster loads the champion through the MLflow
-server (tried on the head with `ray exec`), then follows the alias to the sweep's version ->
+machine (over SSH, its driver there), registers its best trial without promoting it -> Serve
+on the cluster loads the champion through the MLflow server (tried on the head with
+`ray exec`), then follows the alias to the sweep's version ->
 every metric an alert or a dashboard panel uses had series in Prometheus -> `ray down`
 (after platform/cluster/stop_workers.py, which ray down does not do) and no Ray process is
 left on any host.
