@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -51,23 +52,36 @@ def tiny_config(manifest, storage, model, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, sample_manifest, tmp_path_factory, tiny_model_dir):
-    """One real training run shared by the assertions below (it is the slow part).
+    """One real training run, shared by the assertions below (it is the slow part): it fails,
+    once within its restarts and once beyond them, and `--run-name NAME --resume` finishes it.
 
-    A worker crashes at the start of epoch 2 (injected); Ray Train restarts the worker group
-    and it resumes from epoch 1's checkpoint, so every assertion below also holds across a
-    restart. The lazy pipeline (read + tokenize every epoch) runs under the restart; other
-    runs cache the token ids.
+    A worker crashes at the start of epoch 2 (injected), twice. With one restart allowed, Ray
+    Train restarts the worker group the first time and it resumes from epoch 1's checkpoint; the
+    second crash ends the run. The same name without --resume is then refused, and so is
+    --resume with settings that would make it another model; --resume with --epochs raised to 3
+    finishes it in the same MLflow run. So every assertion below holds across a restart and a
+    resume. The lazy pipeline (read + tokenize every epoch) runs under the restart; other runs
+    cache the token ids.
     """
-    from pipelines.training.job import run_training
+    from pipelines.training.job import TrainingFailed, run_training
 
     storage = tmp_path_factory.mktemp("train-storage")
     marker = storage / "fault-injected"
     # torch alone: a run that registers the ONNX variants is tests/first_run.py's (through the CLI)
     # and the rehearsal's; test_batch_inference.py checks the variants themselves
-    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, cache_tokenized="no", onnx_variants=False)
-    outcome = run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
-    assert marker.exists(), "the failure was never injected"
-    return config, outcome
+    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, cache_tokenized="no", onnx_variants=False, run_name="resume-me")
+    with pytest.raises(TrainingFailed, match="injected failure") as failed:
+        run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker), "fail_times": 2})
+    refusals = {}
+    with pytest.raises(ConfigError, match="--resume") as refusals["same_name"]:
+        run_training(config)  # the same name again without --resume is refused, not silently resumed
+    with pytest.raises(ConfigError) as refusals["changed"]:
+        # another run's settings would be mixed into this one's model
+        run_training(replace(config, resume=True, lr=1e-4, batch_size=16, max_length=32))
+    # raising --epochs is allowed: the run goes on for one more epoch
+    resumed = replace(config, epochs=3, resume=True)
+    return resumed, run_training(resumed), {"marker": marker.read_text(), "failed": str(failed.value),
+                                            **{k: str(v.value) for k, v in refusals.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +122,23 @@ def test_bundled_minilm_learns_end_to_end(minilm_run, sample_manifest):
 
 @pytest.mark.timeout(600)
 def test_training_reports_every_epoch_and_counts_every_row(first_run, sample_manifest):
-    config, outcome = first_run
+    config, outcome, _ = first_run
     client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2, 3]
     # every test and val row evaluated exactly once
     assert outcome.metrics["test/rows"] == sample_manifest.splits["test"].rows
     assert outcome.metrics["val/rows"] == sample_manifest.splits["val"].rows
     confusion = sum(outcome.metrics[f"test/{k}"] for k in ("tp", "fp", "fn", "tn"))
     assert confusion == sample_manifest.splits["test"].rows
     for key in ("train/samples_per_s", "train/tokens_per_s", "train/data_wait_fraction", "val/accuracy", "val/f1"):
-        assert len(client.get_metric_history(outcome.run_id, key)) == 2, f"{key} missing from MLflow"
+        assert len(client.get_metric_history(outcome.run_id, key)) == 3, f"{key} missing from MLflow"
     wait = client.get_metric_history(outcome.run_id, "train/data_wait_fraction")[0].value
     assert 0.0 <= wait <= 1.0
 
 
 @pytest.mark.timeout(600)
 def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
-    config, outcome = first_run
+    config, outcome, _ = first_run
     run = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == str(config.lr)
@@ -143,7 +157,7 @@ def test_mlflow_run_holds_params_tags_and_artifacts(first_run, sample_manifest):
 
 @pytest.mark.timeout(600)
 def test_model_is_registered_promoted_and_loadable(first_run):
-    config, outcome = first_run
+    config, outcome, _ = first_run
     mlflow.set_tracking_uri(outcome.tracking_uri)
     client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
     champion = client.get_model_version_by_alias(config.register_as, registry.CHAMPION)
@@ -189,12 +203,21 @@ def test_gate_keeps_the_better_champion(minilm_run, stopped_early_after_minilm):
 
 
 @pytest.mark.timeout(600)
-def test_worker_failure_resumes_from_checkpoint(first_run):
-    """The worker that crashed at the start of epoch 2 was restarted from epoch 1's checkpoint."""
-    config, outcome = first_run
-    assert outcome.metrics["epochs_trained"] == "1,2", "every epoch trained exactly once"
-    steps = [m.step for m in MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri).get_metric_history(outcome.run_id, "train/loss")]
-    assert steps == [1, 2]
+def test_a_restart_then_a_resume_by_name_train_every_epoch_once(first_run):
+    """The worker group restarted once from epoch 1's checkpoint, the run then ran out of restarts,
+    and `--resume` trained epochs 2 and 3 into the same MLflow run."""
+    config, outcome, interrupted = first_run
+    assert interrupted["marker"].count("failed at epoch 1") == 2, "the second crash came after a restart"
+    assert "restarts allowed: 1" in interrupted["failed"]
+    assert "--resume" in interrupted["same_name"]
+    for difference in ("--lr 0.003 -> 0.0001", "--batch-size 8 -> 16", "--max-length 64 -> 32"):
+        assert difference in interrupted["changed"]
+    assert outcome.metrics["epochs_trained"] == "1,2,3", "every epoch trained exactly once"
+    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2, 3]
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_with_epochs"] == "3"
     assert outcome.registered_version is not None
 
 
@@ -316,35 +339,6 @@ def test_optimizer_and_schedule_reduce_loss_on_a_fixed_batch(tiny_model_dir):
     assert all(id(p) not in decayed for n, p in model.named_parameters() if "LayerNorm" in n or n.endswith("bias"))
 
 
-@pytest.mark.timeout(900)
-def test_interrupted_run_resumes_by_name(ray_session, sample_manifest, tmp_path, tiny_model_dir):
-    """No restarts allowed: the crash ends the run; `--run-name NAME --resume` finishes it, same MLflow run."""
-    from pipelines.training.job import TrainingFailed, run_training
-
-    storage = tmp_path / "storage"
-    marker = tmp_path / "fault-injected"
-    config = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, max_failures=0, run_name="resume-me", register_as="resume-imdb")
-    with pytest.raises(TrainingFailed, match="injected failure"):
-        run_training(config, loop_overrides={"fail_at_epoch": 1, "fault_marker": str(marker)})
-    with pytest.raises(ConfigError, match="--resume"):
-        run_training(config)  # the same name again without --resume is refused, not silently resumed
-    changed = tiny_config(sample_manifest, storage, tiny_model_dir, epochs=2, run_name="resume-me", resume=True,
-                          register_as="resume-imdb", lr=1e-4, batch_size=16, max_length=32)
-    with pytest.raises(ConfigError) as refused:
-        run_training(changed)  # another run's settings would be mixed into this one's model
-    for difference in ("--lr 0.003 -> 0.0001", "--batch-size 8 -> 16", "--max-length 64 -> 32"):
-        assert difference in str(refused.value)
-    # raising --epochs is allowed: the run goes on for one more epoch
-    resumed = run_training(tiny_config(sample_manifest, storage, tiny_model_dir, epochs=3, run_name="resume-me", resume=True,
-                                       register_as="resume-imdb", onnx_variants=False))
-    assert resumed.metrics["epochs_trained"] == "1,2,3"
-    client = MlflowClient(resumed.tracking_uri, registry_uri=resumed.tracking_uri)
-    assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2, 3]
-    run = client.get_run(resumed.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["resumed_with_epochs"] == "3"
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_early_stopping_registers_the_best_epoch(stopped_early_after_minilm, sample_manifest):
@@ -411,7 +405,11 @@ def test_a_checkpoint_that_holds_code_is_refused_not_run(tmp_path, tiny_model_di
     import pickle
 
     from pipelines.text.model import load_classifier
-    from pipelines.training.checkpoints import TRAINING_STATE, load_training_state, save_checkpoint
+    from pipelines.training.checkpoints import (
+        TRAINING_STATE,
+        load_training_state,
+        save_checkpoint,
+    )
     from pipelines.training.loop import BestEpoch, build_optimizer, build_scheduler
 
     model = load_classifier(tiny_model_dir)

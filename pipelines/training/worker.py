@@ -48,11 +48,16 @@ PROGRESS_EVERY_S = 10.0
 
 
 def maybe_inject_failure(config: dict, epoch: int) -> None:
-    """Test hook: crash once at the start of `fail_at_epoch`, to exercise restart + resume."""
+    """Test hook: crash at the start of `fail_at_epoch`, `fail_times` times in all (default once;
+    a line each in `fault_marker`), to exercise restart, resume, and a run that runs out of restarts."""
     marker = config.get("fault_marker")
-    if config.get("fail_at_epoch") != epoch or not marker or os.path.exists(marker):
+    if config.get("fail_at_epoch") != epoch or not marker:
         return
-    Path(marker).write_text(f"failed at epoch {epoch}\n")
+    failed = Path(marker).read_text().count("\n") if os.path.exists(marker) else 0
+    if failed >= config.get("fail_times", 1):
+        return
+    with open(marker, "a") as out:
+        out.write(f"failed at epoch {epoch}\n")
     # the previous epoch's checkpoint must be registered before the crash (RAY_NOTES)
     time.sleep(2.0)
     raise RuntimeError(f"injected failure at the start of epoch {epoch} (fault test)")
