@@ -49,6 +49,7 @@ FIXED_PER_SWEEP = {
     "cpus_per_worker": "trial resources are planned once for the sweep",
     "use_gpu": "trial resources are planned once for the sweep",
     "threads_per_worker": "trial resources are planned once for the sweep",
+    "placement": "trial resources are planned once for the sweep",
     "storage": "it says where the sweep runs and records",
     "tracking_uri": "it says where the sweep runs and records",
     "experiment": "it says where the sweep runs and records",

@@ -97,6 +97,8 @@ def build_trainer(loop_config: dict, datasets: dict, config: TrainConfig, use_gp
         num_workers=config.num_workers,
         use_gpu=use_gpu,
         resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        # Ray's soft strategies: a restart after a node is lost still finds room on the rest
+        placement_strategy=config.placement.upper(),
     )
     return TorchTrainer(
         train_loop_per_worker,

@@ -14,6 +14,7 @@ from pipelines.core.storage import default_storage
 
 PROMOTE_CHOICES = ("auto", "never", "always")
 USE_GPU_CHOICES = ("auto", "yes", "no")
+PLACEMENT_CHOICES = ("pack", "spread")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class TrainConfig:
     cpu_fallback: bool = field(False, "with --use-gpu auto on a cluster that can add GPU nodes: train on CPUs if they do not come up "
                                       "in time ($PLATFORM_RESOURCE_WAIT_S), instead of failing")
     cpus_per_worker: float = field(1.0, "CPUs reserved per training worker (fractions allowed)")
+    placement: str = field(
+        "pack",
+        "where the workers go: pack fills a node before using the next (faster gradient exchange); spread puts "
+        "them on as many nodes as can hold one (losing a node stops fewer); either takes what fits when it cannot",
+        choices=PLACEMENT_CHOICES,
+    )
     threads_per_worker: int | None = field(
         None,
         "torch intra-op threads per worker (default on CPUs: the node's CPUs that Ray Data does not need, "

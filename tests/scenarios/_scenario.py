@@ -1,5 +1,4 @@
-"""What the scenario scripts share: environment, a tiny model, a small dataset, a local
-multi-node Ray cluster, where Ray Train put its workers, and the one result line.
+"""What the scenario scripts share: environment, a tiny model, waiting, and the one result line.
 
 The scenarios run as their own processes (tests/test_multinode.py starts them): a process
 joins one Ray cluster only, and the pytest process already holds the session-wide Ray.
@@ -48,59 +47,6 @@ def build_tiny_model(folder: Path) -> str:
     from tests.tiny_model import build_tiny_model as build
 
     return build(folder)
-
-
-def prepare_sample(storage: Path, train_per_label: int = 150, test_per_label: int = 50):
-    """A small sample corpus through the real prepare path; returns the manifest."""
-    from pipelines.data.prepare import prepare_dataset
-    from pipelines.data.sample_corpus import write_sample_corpus
-    from pipelines.data.settings import PrepareConfig
-
-    raw = write_sample_corpus(storage / "raw", train_per_label=train_per_label, test_per_label=test_per_label, seed=3)
-    config = PrepareConfig(source=str(raw), storage=str(storage), rows_per_shard=64, progress=False)
-    return prepare_dataset(config).manifest
-
-
-def start_cluster(head_cpus: int, worker_cpus: list[int]):
-    """A head and worker nodes, each its own raylet, on this machine; the driver joins it.
-
-    Returns (cluster, head node, [worker nodes]).
-    """
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from pipelines.core.ports import free_port
-
-    # fixed ports would collide with other Ray clusters on this machine (tests run in parallel)
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": head_cpus,
-            "include_dashboard": True,  # the State API (where did the workers run?) needs it
-            "dashboard_port": free_port(),
-            "object_store_memory": 200 * 1024**2,
-        },
-    )
-    workers = [cluster.add_node(num_cpus=cpus, object_store_memory=200 * 1024**2) for cpus in worker_cpus]
-    cluster.wait_for_nodes()
-    from pipelines.cluster.worker_env import worker_env
-
-    # Ray's State API (Ray Train's placement-group cleaner uses it inside the cluster) finds
-    # "the latest cluster on this machine" unless RAY_ADDRESS names one: other Ray clusters
-    # may run beside this one, so name it, for this process and every worker of the job
-    os.environ["RAY_ADDRESS"] = cluster.address
-    ray.init(address=cluster.address, runtime_env={"env_vars": {**worker_env(), "RAY_ADDRESS": cluster.address}}, log_to_driver=True)
-    return cluster, cluster.head_node, workers
-
-
-def train_worker_placements() -> list[dict]:
-    """Every Ray Train worker actor of this cluster so far (alive or dead) and its node."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=os.environ["RAY_ADDRESS"], filters=[("class_name", "=", "RayTrainWorker")], limit=1000, raise_on_missing_output=False
-    )
-    return [{"actor_id": a.actor_id, "node_id": a.node_id, "state": a.state} for a in actors]
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "a condition"):

@@ -17,9 +17,9 @@ the repository and its venv are on every host's filesystem, nothing is installed
 starts over SSH, the autoscaler on the head starts the workers over SSH. Prometheus runs on
 the head with platform/monitoring/prometheus.yml (tests/prometheus_check.py). Then, through
 `ray job submit`: prepare a small synthetic corpus to S3 -> train three epochs with two
-workers; a worker host that runs Train workers is killed (every process of the machine,
-at once) after the first epoch's checkpoint; training resumes from the checkpoint in S3 on
-the nodes left, the model is registered and promoted in the PostgreSQL-backed registry, and
+workers spread over the two worker hosts (--placement spread); one of those hosts is killed
+(every process of the machine, at once) after the first epoch's checkpoint; training resumes
+from the checkpoint in S3 on the host left, the model is registered and promoted in the PostgreSQL-backed registry, and
 Prometheus fires TrainRunRestarting -> a one-trial sweep, typed on the surviving worker
 machine (over SSH, its driver there), registers its best trial without promoting it -> Serve
 on the cluster loads the champion through the MLflow server (tried on the head with
@@ -78,10 +78,13 @@ MODEL_NAME = "imdb-sentiment"
 RUN_NAME = "rehearsal"
 HOST_NAMES = ("head", "worker-1", "worker-2")
 # Three hosts share this machine's cores: each says how many it has, or Ray would count every
-# core on every host. Each worker holds both Train workers (1 CPU each): Ray Train packs them;
-# the head's one CPU runs the data pipeline's tasks and the Serve replicas.
+# core on every host. Each worker host holds two Train workers of 1.5 CPUs, the head none: with
+# --placement spread the run starts with one on each worker host (training across machines), and
+# once one host is killed, the restart puts both on the other. The head's one CPU runs the data
+# pipeline's tasks and the Serve replicas.
 HEAD_START_ARGS = "--num-cpus=1 --object-store-memory=200000000"
-WORKER_START_ARGS = "--num-cpus=2 --object-store-memory=200000000"
+WORKER_START_ARGS = "--num-cpus=3 --object-store-memory=200000000"
+TRAIN_CPUS_PER_WORKER = "1.5"
 # a training run here lasts about a minute: Prometheus's 15 s intervals would see the worker
 # failure's counter late in it (the rules, the jobs and service discovery stay as shipped)
 PROMETHEUS_INTERVAL = "5s"
@@ -204,6 +207,7 @@ class NodeKiller(threading.Thread):
         self.hosts, self.gcs_address, self.tracking_uri, self.timeout_s = hosts, gcs_address, tracking_uri, timeout_s
         self.killed: str | None = None
         self.killed_at: float | None = None
+        self.train_hosts: dict[str, int] = {}  # host name -> Train workers on it, before the kill
         self.processes_killed = 0
         self.error: str | None = None
 
@@ -222,7 +226,8 @@ class NodeKiller(threading.Thread):
         try:
             _scenario.wait_for(self._epoch_reported, self.timeout_s, 1.0, "epoch 1's report in MLflow")
             ips = node_ips(self.gcs_address)
-            busy = {ips.get(w["node_id"]) for w in train_worker_nodes(self.gcs_address) if w["state"] == "ALIVE"}
+            busy = [ips.get(w["node_id"]) for w in train_worker_nodes(self.gcs_address) if w["state"] == "ALIVE"]
+            self.train_hosts = {name: busy.count(self.hosts[name].ip) for name in HOST_NAMES if self.hosts[name].ip in busy}
             victims = [name for name in HOST_NAMES[1:] if self.hosts[name].ip in busy]
             if not victims:
                 raise RuntimeError(f"no worker host runs a Train worker: {busy}")
@@ -266,9 +271,9 @@ def sweep_args(model: str) -> list[str]:
 
 
 def train_args(epochs: int, model: str) -> list[str]:
-    """Two workers of 1 CPU: a worker node holds both; a few steps per epoch keep it short."""
+    """Two workers spread over the worker hosts (a worker host holds both); a few steps per epoch keep it short."""
     return ["-m", "pipelines.train_imdb", "--data", DATASET, "--storage", STORAGE, "--run-name", RUN_NAME, "--model", model,
-            "--num-workers", "2", "--cpus-per-worker", "1", "--use-gpu", "no", "--epochs", str(epochs),
+            "--num-workers", "2", "--cpus-per-worker", TRAIN_CPUS_PER_WORKER, "--placement", "spread", "--use-gpu", "no", "--epochs", str(epochs),
             "--max-steps-per-epoch", "4", "--max-length", "64", "--batch-size", "8", "--eval-batch-size", "64",
             "--max-failures", "2", "--promote", "auto"]
 
@@ -480,14 +485,23 @@ def main(argv: list[str] | None = None) -> int:
         lap("train_s", step)
         killer.join(timeout=10)
         check(killer.error is None and killer.killed is not None, f"a worker host was killed mid-run ({killer.killed}): {killer.error or 'ok'}")
+        check(killer.train_hosts == {"worker-1": 1, "worker-2": 1},
+              f"--placement spread: one Train worker on each worker host, none on the head, before the kill ({killer.train_hosts})")
         check("resuming from the checkpoint of epoch 1" in out, "the restarted workers resumed from epoch 1's checkpoint in S3")
         result["checkpoint_store_s"] = checkpoint_times(out, hosts, "head")
         check("promoted to @champion" in out, "the model was registered and promoted to @champion")
 
         checkpoint_keys = s3.list_keys(BUCKET, f"platform/ray_results/{RUN_NAME}/")
-        kept = sorted({k.split("/")[3] for k in checkpoint_keys if k.split("/")[3].startswith("checkpoint_") and k.count("/") > 3})
-        check(len(kept) == 2 and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept),
-              f"checkpoints in the bucket, the oldest pruned (num_to_keep=2: {kept}; {len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
+        in_bucket = sorted({k.split("/")[3] for k in checkpoint_keys if k.split("/")[3].startswith("checkpoint_") and k.count("/") > 3})
+        # Ray's own list of the run's checkpoints; a folder beside them can only be the killed workers'
+        # upload of epoch 2, cut off before it was reported (Ray never registered it, so never prunes it)
+        snapshot = json.loads(s3.get_object(BUCKET, f"platform/ray_results/{RUN_NAME}/checkpoint_manager_snapshot.json"))
+        kept = sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])
+        cut_off = [c for c in in_bucket if c not in kept]
+        check(len(kept) == 2 and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept)
+              and len(cut_off) <= 1 and all(c < min(kept) for c in cut_off),
+              f"checkpoints in the bucket, the oldest pruned (num_to_keep=2: {kept}; cut off by the kill: {cut_off}; "
+              f"{len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
         artifact_keys = s3.list_keys(BUCKET, "mlflow-artifacts/")
         check(any(k.endswith("model.safetensors") for k in artifact_keys) and any(k.endswith("console.log") for k in artifact_keys),
               f"model files and the run's console.log in the bucket through the MLflow server on the head ({len(artifact_keys)} objects)")
@@ -496,6 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         check(len(runs) == 1 and runs[0][1] == "FINISHED", f"the run is a row in PostgreSQL, FINISHED ({runs})")
         epochs = postgres.query("SELECT step FROM metrics WHERE run_uuid = %s AND key = 'train/loss' ORDER BY step", (runs[0][0],)) if runs else []
         check([e[0] for e in epochs] == [1, 2, 3], f"each epoch logged once in PostgreSQL, across the kill ({[e[0] for e in epochs]})")
+        latest = dict(postgres.query("SELECT key, value FROM latest_metrics WHERE run_uuid = %s", (runs[0][0],))) if runs else {}
+        test_rows = json.loads(s3.get_object(BUCKET, manifests[0]))["splits"]["test"]["rows"] if manifests else None
+        ranks = [latest.get(f"train/rank{rank}/samples_per_s") for rank in (0, 1)]
+        check(None not in ranks and abs(latest.get("train/samples_per_s", -1) - sum(ranks)) < 1e-6 * max(1.0, sum(ranks))
+              and "train/rank1/loss" in latest and latest.get("test/rows") == test_rows,
+              f"both workers' figures in MLflow: samples/s the sum over ranks ({latest.get('train/samples_per_s')} = {ranks}), "
+              f"every test row evaluated once across them ({latest.get('test/rows')} of {test_rows})")
         alias = postgres.query("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'", (MODEL_NAME,))
         versions = postgres.query("SELECT version, run_id FROM model_versions WHERE name = %s", (MODEL_NAME,))
         check(len(versions) == 1 and {v[1] for v in versions} == {runs[0][0]} and bool(alias),
