@@ -1,7 +1,7 @@
 """What batch prediction on Ray Data costs: pipelines.inference.batch_prediction against a bare loop of the same backend.
 
     python bench/batch_predict.py [--model-uri models:/imdb-sentiment@champion] [--storage DIR]
-                                  [--backend auto] [--rows 2048] [--batch-size 64] [--actors N]
+                                  [--backend auto] [--rows 2048] [--batch-size 64] [--actors N] [--per-call N]
                                   [--data imdb] [--register-demo]
 
 Both sides score the same --rows reviews, made as bench/serve_load.py makes its texts
@@ -19,13 +19,14 @@ temporary Parquet folder of --files parts, with the version's default backend (o
 
 Start-up (planning, actors starting, downloading and loading the model) is a fixed cost
 whatever the input's size; `ratio_batch=` (last line, target >= 0.9) compares Ray Data's
-steady rate (the rows of the blocks after the first, over the time from the first block's
-arrival to the last's) with the bare loop's; `ratio_batch_with_startup=` is the whole job's
-rate, start-up included, for this input size. Blocks arrive when the streaming executor
-hands them over, a fraction of a second late: keep blocks of several seconds' work (the
-defaults: 16 parts of 128 reviews) or the steady rate reads high. The labels of the two
-sides are compared too: the same preprocessing and backend on the same batches (parts of
-a multiple of --batch-size rows line up with the bare loop's) should give the same labels.
+steady rate with the bare loop's: the rows of the blocks after each actor's first, over the
+time from the last of those first blocks to the last block (the actors deliver side by side,
+so a round's blocks arrive together). `ratio_batch_with_startup=` is the whole job's rate,
+start-up included, for this input size. An actor scores pipelines.predict's rows per call
+(Ray Data joins the Parquet parts up to it: batch_prediction.rows_per_call), or --per-call's;
+`--per-call` equal to `--batch-size` gives each part a call of its own, as before. The labels
+of the two sides are compared too: the same preprocessing and backend on the same batches
+(parts of a multiple of --batch-size rows line up with the bare loop's) should give the same labels.
 
 For the real measurement, a model trained as in bench/serve_load.py's docstring:
 
@@ -112,7 +113,8 @@ def best_bare(layouts: dict[str, tuple[list, int]], texts: list[str], batch_size
     return next(iter(results.values()))[0], min(seconds for _, seconds in results.values())
 
 
-def ray_data_run(input_uri: str, model, rows: int, batch_size: int, actors: int | None, cpus: int) -> tuple[np.ndarray, list[tuple[float, int]]]:
+def ray_data_run(input_uri: str, model, rows: int, batch_size: int, actors: int | None, cpus: int,
+                 per_call: int | None) -> tuple[np.ndarray, list[tuple[float, int]]]:
     """(label ids by row id, (seconds since the start, rows) of each output block as it arrives)."""
     import ray
 
@@ -120,7 +122,7 @@ def ray_data_run(input_uri: str, model, rows: int, batch_size: int, actors: int 
 
     init_ray(num_cpus=cpus)
     try:
-        dataset = batch_prediction.predictions(input_uri, model, "text", batch_size, actors)
+        dataset = batch_prediction.predictions(input_uri, model, "text", batch_size, actors, rows, per_call)
         labels = np.full(rows, -1, dtype=np.int64)
         arrivals = []
         start = time.perf_counter()
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=16, help="Parquet parts the rows are written to (Ray Data blocks) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per model call, both sides, as pipelines.predict (default: %(default)s)")
     parser.add_argument("--actors", type=int, default=None, help="Ray Data actors, sharing the CPUs (default: pipelines.predict's plan, one per CPU)")
+    parser.add_argument("--per-call", type=int, default=None,
+                        help="rows per actor call (default: pipelines.predict's, up to 512; --per-call equal to --batch-size: "
+                             "every Parquet part a call of its own, as before 2026-12-07)")
     parser.add_argument("--data", default=None, help="a prepared dataset whose test split gives the texts (default: lengthened sample reviews)")
     parser.add_argument("--register-demo", action="store_true", help="smoke test: register a tiny random BERT in a new temporary "
                         "store (ignoring --storage and --tracking-uri) and measure it")
@@ -184,12 +189,22 @@ def run(args, scratch: Path) -> int:
         layouts[f"{cpus} x 1 thread"] = ([load_classifier_from(folder, model.backend, threads=1) for _ in range(cpus)], 1)
     half = len(texts) // 2
     bare_first, seconds_first = best_bare(layouts, texts[:half], args.batch_size, "first half")
-    ray_labels, arrivals = ray_data_run(input_uri, model, len(texts), args.batch_size, args.actors, cpus)
-    whole_s, (first_s, first_rows) = arrivals[-1][0], arrivals[0]
-    steady_rows, steady_s = len(texts) - first_rows, whole_s - first_s
-    print(f"Ray Data: {len(texts) / whole_s:.1f} rows/s with start-up ({whole_s:.1f} s); first block ({first_rows} rows) after "
-          f"{first_s:.1f} s (planning, actor start, model download and load), then {steady_rows} rows in {len(arrivals) - 1} "
-          f"blocks at {steady_rows / max(steady_s, 1e-9):.1f} rows/s", flush=True)
+    actors = batch_prediction.plan_actors(args.actors, args.files, cpus).actors
+    per_call = args.per_call or batch_prediction.rows_per_call(len(texts), actors, args.batch_size)
+    print(f"Ray Data: {actors} actor(s), {per_call} rows per call", flush=True)
+    ray_labels, arrivals = ray_data_run(input_uri, model, len(texts), args.batch_size, args.actors, cpus, args.per_call)
+    if len(arrivals) <= actors:
+        print(f"error: {len(arrivals)} blocks for {actors} actors: too few to see a steady rate (more --rows, or a smaller --per-call)", file=sys.stderr)
+        return 2
+    # the steady part starts once every actor delivered its first block: the actors work side by
+    # side, so the blocks of one round arrive together, and timing from the very first block
+    # would credit that round's other blocks to no time at all
+    whole_s, (first_s, _) = arrivals[-1][0], arrivals[0]
+    round_s, round_rows = arrivals[actors - 1][0], sum(n for _, n in arrivals[:actors])
+    steady_rows, steady_s = len(texts) - round_rows, whole_s - round_s
+    print(f"Ray Data: {len(texts) / whole_s:.1f} rows/s with start-up ({whole_s:.1f} s); first block after {first_s:.1f} s "
+          f"(planning, actor start, model download and load), one from each actor after {round_s:.1f} s ({round_rows} rows), "
+          f"then {steady_rows} rows in {len(arrivals) - actors} blocks at {steady_rows / max(steady_s, 1e-9):.1f} rows/s", flush=True)
     bare_second, seconds_second = best_bare(layouts, texts[half:], args.batch_size, "second half")
 
     bare_rate = len(texts) / (seconds_first + seconds_second)

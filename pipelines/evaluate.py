@@ -112,7 +112,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationOutcome:
     console.stage("data", f"{data_name}: {rows} labelled reviews")
     console.enter("evaluate")
     runtime.init_ray(config.ray_address)
-    dataset = batch_prediction.predictions(files_uri, model, "text", config.batch_size, config.actors)
+    dataset = batch_prediction.predictions(files_uri, model, "text", config.batch_size, config.actors, rows)
     started = time.perf_counter()
     metrics, hist_pos, hist_neg = score(batch_prediction.iter_tables(dataset, rows, "evaluate"))
     metrics["rows_per_s"] = metrics["rows"] / max(time.perf_counter() - started, 1e-9)

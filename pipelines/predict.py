@@ -65,7 +65,7 @@ def run_predict(config: PredictConfig) -> tuple[int, int]:
     console.stage("data", f"{rows} rows in {config.input}")
     console.enter("predict")
     runtime.init_ray(config.ray_address)
-    dataset = batch_prediction.predictions(config.input, model, config.text_column, config.batch_size, config.actors)
+    dataset = batch_prediction.predictions(config.input, model, config.text_column, config.batch_size, config.actors, rows)
     started = time.perf_counter()
     written, files = batch_prediction.write_predictions(dataset, rows, config.output, config.overwrite)
     elapsed = time.perf_counter() - started

@@ -137,6 +137,10 @@ def test_a_batch_model_actor_keeps_its_model_in_memory_and_no_copy_on_disk(regis
     assert list(tmp_path.iterdir()) == []
     scored = actor(pa.table({"text": review_texts[:8]}))
     assert scored.num_rows == 8 and set(scored.column("predicted_label").to_pylist()) <= {"negative", "positive"}
+    # a call of many rows runs the model on batches of model_batch, in order
+    actor.model_batch = 3
+    in_threes = actor(pa.table({"text": review_texts[:8]}))
+    np.testing.assert_allclose(in_threes.column("probability_positive").to_numpy(), scored.column("probability_positive").to_numpy(), atol=1e-6)
 
 
 @pytest.mark.timeout(900)
@@ -374,3 +378,20 @@ def test_actor_plan_gives_each_cpu_a_single_threaded_model(requested, files, cpu
 
     plan = plan_actors(requested, files, total_cpus=cpus)
     assert (plan.actors, plan.cpus_per_actor, plan.threads) == pytest.approx(expected)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "rows, actors, batch_size, expected",
+    [
+        (2048, 2, 64, 512),  # small Parquet parts joined up to 512 rows a call
+        (10**6, 8, 64, 512),
+        (1000, 2, 48, 288),  # two calls or more per actor: 250 rows, rounded up to 6 batches of 48
+        (300, 2, 64, 128),
+        (10, 4, 64, 64),  # never less than one model batch
+    ],
+)
+def test_an_actor_call_holds_a_few_seconds_of_work_and_every_actor_gets_two(rows, actors, batch_size, expected):
+    from pipelines.inference.batch_prediction import rows_per_call
+
+    assert rows_per_call(rows, actors, batch_size) == expected

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -30,6 +31,10 @@ from pipelines.data.reading import file_list_reader
 
 log = logging.getLogger(__name__)
 READ_CPUS = 0.25  # Parquet read tasks: I/O, next to model actors that take the rest
+# Rows an actor scores per call at most: several seconds of a CPU model's work (MiniLM int8 scores
+# about 100 review-length texts a second per core), so that what each call costs Ray Data (a
+# task, its block stored, handed over and counted) stays small beside it
+MAX_ROWS_PER_CALL = 512
 # appended to the input's columns (which often hold the true `label`: never overwritten)
 PREDICTION_COLUMNS = ("predicted_label", "predicted_label_id", "score")
 
@@ -85,7 +90,7 @@ def download_model_folder(model: ModelRef, destination: str) -> Path:
 class PredictBatch:
     """A Ray Data actor: one model in memory, a batch of texts -> predictions appended as columns."""
 
-    def __init__(self, model: ModelRef, text_column: str, threads: int):
+    def __init__(self, model: ModelRef, text_column: str, threads: int, model_batch: int | None = None):
         from pipelines.cluster.worker_env import hide_gpus_unless_assigned
         from pipelines.inference.classifier import load_classifier_from
 
@@ -96,10 +101,12 @@ class PredictBatch:
         with tempfile.TemporaryDirectory(prefix="batch-model-") as scratch:
             self.classifier = load_classifier_from(download_model_folder(model, scratch), model.backend, threads=threads)
         self.text_column = text_column
+        self.model_batch = model_batch  # texts per model call (None: the whole batch in one)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [text if isinstance(text, str) else "" for text in batch.column(self.text_column).to_pylist()]
-        probs = self.classifier.probabilities(texts)
+        step = self.model_batch or max(1, len(texts))
+        probs = np.concatenate([self.classifier.probabilities(texts[start : start + step]) for start in range(0, max(1, len(texts)), step)])
         best = probs.argmax(axis=-1)
         columns = {
             "predicted_label": pa.array([self.classifier.labels[int(i)] for i in best]),
@@ -151,14 +158,25 @@ def plan_actors(requested: int | None, input_files: int, total_cpus: float | Non
     return ActorPlan(actors, cpus, max(1, round(cpus)))
 
 
+def rows_per_call(total_rows: int, actors: int, batch_size: int) -> int:
+    """Rows an actor scores per call: as many as MAX_ROWS_PER_CALL allows (Ray Data joins small
+    blocks up to it), yet two calls or more per actor, so that none idles while another scores
+    the last big call; a whole number of model batches."""
+    rows = min(MAX_ROWS_PER_CALL, max(batch_size, total_rows // (2 * actors)))
+    return -(-rows // batch_size) * batch_size
+
+
 def predictions(input_uri: str, model: ModelRef, text_column: str = "text", batch_size: int = 64,
-                actors: int | None = None) -> ray.data.Dataset:
+                actors: int | None = None, total_rows: int | None = None, per_call: int | None = None) -> ray.data.Dataset:
     """A lazy Dataset: the input's rows plus predicted_label, predicted_label_id, score and probability_<label>.
 
-    `actors`: model actors sharing the cluster's CPUs (default: plan_actors').
+    `batch_size`: texts per model call. `actors`: model actors sharing the cluster's CPUs
+    (default: plan_actors'). `total_rows`: the input's rows, when the caller counted them already.
+    `per_call`: rows per actor call (default: rows_per_call's; bench/batch_predict.py compares).
     """
     location, files = input_files(input_uri)
     plan = plan_actors(actors, len(files))
+    per_call = per_call or rows_per_call(rows_of(input_uri) if total_rows is None else total_rows, plan.actors, batch_size)
     console.say(f"[plan] {plan.describe()}")
     schema = pq.read_schema(files[0], filesystem=location.filesystem)
     if text_column not in schema.names:
@@ -167,8 +185,8 @@ def predictions(input_uri: str, model: ModelRef, text_column: str = "text", batc
         dataset = ray.data.read_parquet(files, filesystem=location.filesystem, num_cpus=READ_CPUS, override_num_blocks=len(files))
     return dataset.map_batches(
         PredictBatch,
-        fn_constructor_kwargs={"model": model, "text_column": text_column, "threads": plan.threads},
-        batch_size=batch_size,
+        fn_constructor_kwargs={"model": model, "text_column": text_column, "threads": plan.threads, "model_batch": batch_size},
+        batch_size=per_call,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor,
