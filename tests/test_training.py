@@ -400,6 +400,19 @@ def test_threads_use_the_cpus_ray_data_does_not_need(options, cached, node_cpus,
     assert plan_threads(TrainConfig(**options), use_gpu, cached, node_cpus) == threads
 
 
+@pytest.mark.parametrize(("placement", "strategy"), [("pack", "PACK"), ("spread", "SPREAD")])
+def test_placement_is_ray_trains_placement_strategy(placement, strategy, tmp_path):
+    """--placement reaches the workers' placement group (the rehearsal spreads two workers over two hosts)."""
+    from ray.train import RunConfig
+
+    from pipelines.training.job import build_trainer
+
+    config = TrainConfig(data="sample", num_workers=2, batch_size=8, placement=placement)
+    trainer = build_trainer({}, {}, config, use_gpu=False, run_config=RunConfig(name="placement", storage_path=str(tmp_path)))
+    assert trainer.scaling_config.placement_strategy == strategy
+    assert trainer.scaling_config.num_workers == 2
+
+
 def test_a_checkpoint_that_holds_code_is_refused_not_run(tmp_path, tiny_model_dir):
     """Training state loads with weights_only: a real checkpoint's loads; a pickle with a payload does not run."""
     import pickle
