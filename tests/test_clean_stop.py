@@ -9,7 +9,7 @@ line, mark its MLflow run KILLED and leave no process behind: none of its sessio
 command starts one of its own here, so orphans keep its id), none with its TMPDIR.
 
 One signal per command, to keep the suite's time: serve.app gets SIGTERM (a service manager's),
-train_imdb SIGINT (Ctrl-C), tune_imdb SIGTERM. The entry points without Ray (the end of this
+train_imdb SIGINT (Ctrl-C), tune_imdb SIGTERM (and is then resumed with --resume). The entry points without Ray (the end of this
 file) get every signal, and SIGINT when started the way a script's background job is, with
 SIGINT ignored: Python then keeps ignoring it unless the entry point takes it
 (pipelines.core.stopping). Each command is a job of the lane beside the other tests (tests/lane.py).
@@ -268,33 +268,77 @@ def test_training_stops_cleanly_on_sigint(request):
     assert len(runs) == 1 and {run.info.status for run in runs} == {"KILLED"}, [(run.info.run_name, run.info.status) for run in runs]
 
 
-def stop_sweep(workdir: Path, env: dict) -> tuple[list[dict], Path]:
-    """`python -m tune.tune_imdb` (2 trials, one at a time) stopped by SIGTERM while its first trial trains."""
+SWEEP_NAME = "stop-me"
+# the console of a sweep: stage lines and trial events; Ray, Tune and the trials write to the log file
+QUIET_LINE = re.compile(r"(log: |\[(data|model|resources|sweep|trial \S+)\] |warning: |interrupted|terminated \(SIGTERM\)|error: |failed in stage: )")
+
+
+def run_summaries(storage: Path) -> list[dict]:
+    """Every MLflow run under `storage`: name, status, parent or trial, params and tags."""
+    return [{"name": run.info.run_name, "status": run.info.status, "parent": "mlflow.parentRunId" not in run.data.tags,
+             "run_id": run.info.run_id, "params": dict(run.data.params), "tags": dict(run.data.tags)} for run in all_runs(storage)]
+
+
+def stop_sweep(workdir: Path, env: dict) -> dict:
+    """`python -m tune.tune_imdb` (2 trials, one at a time) stopped by SIGTERM while its first trial trains,
+    then `--resume` of it run to its end, as a user continues a sweep a service manager stopped.
+
+    The sweep also sweeps warmup_ratio: a field other than lr given on the command line reaches each trial's run.
+    """
     env = command_env(env)
-    command = [sys.executable, "-m", "tune.tune_imdb", *training_args(workdir, env), "--batch-sizes", "8", "--num-samples", "2",
-               "--max-concurrent", "1", "--register-as", "stop-sweep"]
+    model, dataset, _ = build_in_subprocess(workdir, env, corpus_per_label=60, seed=7)
+    storage = workdir / "storage"
+    command = [sys.executable, "-m", "tune.tune_imdb", "--data", dataset, "--model", model, "--storage", str(storage),
+               # two epochs of a few steps: the signal lands in the first trial (ready + 2 s), and the resume is short
+               "--epochs", "2", "--max-steps-per-epoch", "4", "--max-length", "32", "--eval-batch-size", "64", "--no-onnx-variants",
+               "--batch-sizes", "8", "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "fifo", "--metric", "val/loss",
+               "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2",
+               "--register-as", "stop-sweep", "--sweep-name", SWEEP_NAME]
 
     def ready(output: str, processes: dict[int, str]) -> bool:
         return re.search(r"^\[trial \S+\] started", output, re.MULTILINE) is not None and has_process(processes, "ray::RayTrainWorker")
 
-    results = [run_and_stop(command, env, signal.SIGTERM, ready, workdir / "sweep.log", settle_s=2)]
-    return results, workdir / "storage"
+    stopped = run_and_stop(command, env, signal.SIGTERM, ready, workdir / "sweep.log", settle_s=2)
+    outcome = {"stopped": stopped, "runs_after_stop": run_summaries(storage)}
+    marker = storage / "tune_results" / SWEEP_NAME / "mlflow_parent_run_id"
+    outcome["parent_run_id"] = marker.read_text().strip() if marker.exists() else None
+    if stopped.get("returncode") != 128 + signal.SIGTERM:
+        return outcome  # the test reports the stop; nothing to resume
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env={**env, "TMPDIR": tempfile.mkdtemp(prefix="resume-", dir="/tmp")},
+                             capture_output=True, text=True, timeout=240, check=False)
+    outcome.update(resume_returncode=resumed.returncode, resume_output=resumed.stdout + resumed.stderr, runs_after_resume=run_summaries(storage))
+    return outcome
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.lane(stop_sweep, timeout_s=110)
-def test_sweep_stops_cleanly_on_sigterm(request):
-    results, storage = lane_result(request, stop_sweep)
-    print(summary(results))
-    for result in results:
-        assert_stopped_cleanly(result, STOPPED_LINE[signal.Signals[result["signal"]]])
-        assert "--resume" in result["output"], "Tune saved the sweep: the console says how to continue it"
-    runs = all_runs(storage)
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
-    assert len(parents) == 1 and {run.info.status for run in parents} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in parents]
-    assert trials and {run.info.status for run in trials} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in trials]
+@pytest.mark.timeout(420)
+@pytest.mark.lane(stop_sweep, timeout_s=360)
+def test_a_sweep_stops_cleanly_on_sigterm_and_resumes_in_the_same_mlflow_run(request):
+    outcome = lane_result(request, stop_sweep)
+    stopped = outcome["stopped"]
+    print(summary([stopped]))
+    assert_stopped_cleanly(stopped, STOPPED_LINE[signal.SIGTERM])
+    assert "--resume" in stopped["output"], "Tune saved the sweep: the console says how to continue it"
+    lines = stopped["output"].splitlines()
+    assert lines and lines[0].startswith("log: ") and len(lines) < 40, lines
+    assert not [line for line in lines if not QUIET_LINE.match(line)], "the console holds more than stage lines and trial events"
+    before = outcome["runs_after_stop"]
+    parents, trials = [r for r in before if r["parent"]], [r for r in before if not r["parent"]]
+    assert len(parents) == 1 and {r["status"] for r in parents} == {"KILLED"}, before
+    assert trials and {r["status"] for r in trials} == {"KILLED"}, before
+    assert outcome["parent_run_id"] == parents[0]["run_id"]
+
+    # --resume: the unfinished trial and the one not yet started run, into the same parent run
+    assert outcome["resume_returncode"] == 0, outcome["resume_output"][-3000:]
+    after = outcome["runs_after_resume"]
+    parents, trials = [r for r in after if r["parent"]], [r for r in after if not r["parent"]]
+    assert [r["run_id"] for r in parents] == [outcome["parent_run_id"]] and parents[0]["status"] == "FINISHED", after
+    assert len(trials) == 2 and {r["status"] for r in trials} == {"FINISHED"}, after
+    assert f"=== sweep {SWEEP_NAME} finished: 2 trials ===" in outcome["resume_output"], outcome["resume_output"][-3000:]
+    assert "registered: models:/stop-sweep/1 " in outcome["resume_output"], outcome["resume_output"][-3000:]
+    for trial in trials:
+        assert 0 <= float(trial["params"]["warmup_ratio"]) <= 0.1
+        assert trial["tags"]["swept"] == "batch_size,lr,warmup_ratio"
 
 
 # --- the pieces, without Ray (pipelines.core.stopping) ---------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -184,73 +183,6 @@ def test_trial_events_are_one_console_line_each(capsys):
     many = TrialEvents(SweepConfig(num_samples=40, train=TrainConfig(epochs=2)))
     many.on_trial_result(iteration=1, trials=[], trial=trial("d_00003"), result=epoch_1)
     assert capsys.readouterr().out == "", "a long sweep gets no per-epoch lines"
-
-
-@pytest.mark.timeout(1500)
-def test_interrupted_sweep_resumes(ray_session, sample_manifest, tiny_model_dir, tmp_path):
-    """SIGINT the sweep's driver after its first trial, then --resume runs the second in the same MLflow run.
-
-    It also sweeps warmup_ratio: a non-lr field given on the command line reaches each trial's run.
-    """
-    import ray
-
-    from pipelines.tracking.store_uri import local_store
-    from tune.sweep import run_sweep
-
-    storage = tmp_path / "storage"
-    # named on both sides: the child and the resume below in this process use the same store,
-    # whatever $MLFLOW_TRACKING_URI earlier tests left in this process's environment
-    tracking_uri = local_store(str(storage))[0]
-    args = [
-        sys.executable, "-m", "tune.tune_imdb", "--data", sample_manifest.root.uri, "--model", tiny_model_dir, "--tracking-uri", tracking_uri,
-        "--num-samples", "2", "--max-concurrent", "1", "--epochs", "1", "--scheduler", "fifo", "--metric", "val/loss",
-        "--space", "warmup_ratio=uniform:0:0.1", "--lr-min", "1e-4", "--lr-max", "1e-2", "--batch-sizes", "8", "--max-length", "64", "--max-steps-per-epoch", "6", "--no-group-by-length", "--storage", str(storage),
-        "--sweep-name", "resume-me", "--register-as", "resume-sweep", "--experiment", "sweep-tests", "--no-onnx-variants",
-        "--ray-address", ray.get_runtime_context().gcs_address,
-    ]
-    console_out = tmp_path / "console.txt"
-    with console_out.open("w") as out:
-        driver = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    trial_results = storage / "tune_results" / "resume-me"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and driver.poll() is None:
-        finished = [p for p in trial_results.glob("*/result.json") if p.read_text().count("\n") >= 1]  # its one epoch: the trial is done
-        if finished:
-            break
-        time.sleep(2)
-    assert driver.poll() is None, "the sweep ended before it could be interrupted"
-    driver.send_signal(signal.SIGINT)
-    driver.wait(timeout=180)
-    # the console: stage lines and trial events; Ray, Tune and the trials write to the log file
-    lines = console_out.read_text().splitlines()
-    assert lines and lines[0].startswith("log: ") and len(lines) < 40, lines
-    quiet = re.compile(r"(log: |\[(data|model|resources|sweep|trial \S+)\] |warning: |interrupted|error: |failed in stage: )")
-    loud = [line for line in lines if not quiet.match(line)]
-    assert not loud, loud
-
-    marker = trial_results / "mlflow_parent_run_id"
-    parent_before = marker.read_text().strip()
-    config = SweepConfig(
-        num_samples=2, max_concurrent=1, scheduler="fifo", metric="val/loss",
-        space=("warmup_ratio=uniform:0:0.1",), lr_min=1e-4, lr_max=1e-2, batch_sizes=(8,),
-        sweep_name="resume-me", resume=True,
-        train=TrainConfig(data=sample_manifest.root.uri, model=tiny_model_dir, epochs=1, batch_size=8, max_length=64, max_steps_per_epoch=6,
-                          group_by_length=False, storage=str(storage), tracking_uri=tracking_uri, register_as="resume-sweep",
-                          experiment="sweep-tests", onnx_variants=False),
-    )
-    outcome = run_sweep(config)
-    assert outcome.parent_run_id == parent_before
-    assert len(outcome.trials) == 2
-    assert all(row["status"] == "completed" for row in outcome.trials), outcome.trials
-    assert outcome.registered_version is not None
-    client = MlflowClient(outcome.tracking_uri, registry_uri=outcome.tracking_uri)
-    for row in outcome.trials:
-        assert 0 <= row["warmup_ratio"] <= 0.1
-        child = client.search_runs(
-            [client.get_run(outcome.parent_run_id).info.experiment_id], filter_string=f"tags.tune_trial_id = '{row['trial_id']}'"
-        )[0]
-        assert float(child.data.params["warmup_ratio"]) == pytest.approx(row["warmup_ratio"])
-        assert child.data.tags["swept"] == "batch_size,lr,warmup_ratio"
 
 
 def test_search_space_errors_are_clear():
