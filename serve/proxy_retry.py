@@ -23,6 +23,14 @@ tries, BACKOFF_S apart and doubling (the router needs a moment to drop the dead 
 then the protocol's 503 `model_unavailable` error. A retried answer carries
 `X-Serve-Attempts: <n>`; each re-send counts in `ray_imdb_request_retries_total`.
 A client that hung up is not answered again.
+
+A proxy that has just started (Serve replaces a dead one in seconds) answers 404 "Path ...
+not found" to every request until the controller has sent it the route table, about a second
+later (proxy_router.py: its /-/healthz says "Route table is not populated yet" meanwhile). A
+404 tells a client the endpoint does not exist, so that 404 of Serve's own (plain text; the
+app's are JSON) to a prediction is held back and the prediction sent again, ROUTES_POLL_S
+apart, for up to ROUTES_WAIT_S; only then is the 404 passed on (a path that really is
+unknown under that prefix).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ MAX_ATTEMPTS = 3  # 1 try + 2 re-sends: a second death in a row means something 
 BACKOFF_S = 0.05  # before the first re-send; doubles each time
 MAX_KEPT_BODY_BYTES = 4 * 1024 * 1024
 ATTEMPTS_HEADER = b"x-serve-attempts"
+ROUTES_WAIT_S = 3.0  # a new proxy gets its route table about a second after it starts
+ROUTES_POLL_S = 0.2
 
 
 def middlewares() -> list[Middleware]:
@@ -56,10 +66,12 @@ def is_prediction(scope: Scope) -> bool:
 class ResendLostPredictions:
     """Runs a prediction through the proxy again while no replica answered it (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, max_attempts: int = MAX_ATTEMPTS, backoff_s: float = BACKOFF_S):
+    def __init__(self, app: ASGIApp, max_attempts: int = MAX_ATTEMPTS, backoff_s: float = BACKOFF_S,
+                 routes_wait_s: float = ROUTES_WAIT_S, routes_poll_s: float = ROUTES_POLL_S):
         self.app = app
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.routes_wait_s, self.routes_poll_s = routes_wait_s, routes_poll_s
         self._metrics = None  # made at the first re-send: most proxies never need one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,15 +83,25 @@ class ResendLostPredictions:
             await self.app(scope, Replay(body, receive), send)
             return
         answer = Answer(send)
-        for attempt in range(1, self.max_attempts + 1):
+        attempt, waited_for_routes = 1, 0.0
+        while True:
             client = Replay(body, receive)
             await self.app(scope, client, answer.send_with_attempts(attempt))
             if answer.started or client.hung_up:
                 return
-            if attempt < self.max_attempts:
-                log.warning("no replica answered %s (it died?); sending it again, attempt %d of %d", scope["path"], attempt + 1, self.max_attempts)
-                self._record("resent")
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if answer.held:  # this proxy knows no route for it: just started, or a wrong path
+                if waited_for_routes >= self.routes_wait_s:
+                    await answer.pass_held_on()
+                    return
+                await asyncio.sleep(self.routes_poll_s)
+                waited_for_routes += self.routes_poll_s
+                continue
+            if attempt >= self.max_attempts:
+                break
+            attempt += 1
+            log.warning("no replica answered %s (it died?); sending it again, attempt %d of %d", scope["path"], attempt, self.max_attempts)
+            self._record("resent")
+            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 2))
         log.error("no replica answered %s in %d attempts; answering 503", scope["path"], self.max_attempts)
         self._record("gave_up")
         await send_unavailable(scope, send, self.max_attempts)
@@ -96,14 +118,23 @@ class ResendLostPredictions:
 
 
 class Answer:
-    """The client's `send`, noting whether a response started; a re-sent answer says how many tries it took."""
+    """The client's `send`, noting whether a response started; a re-sent answer says how many tries it took.
+
+    The proxy's own "no such route" 404 is held back (`held`), not sent: the caller decides.
+    """
 
     def __init__(self, send: Send):
         self._send = send
         self.started = False
+        self.held: list[Message] = []
 
     def send_with_attempts(self, attempt: int) -> Send:
+        self.held = []
+
         async def send(message: Message) -> None:
+            if (message["type"] == "http.response.start" and is_route_not_found(message)) or self.held:
+                self.held.append(message)
+                return
             if message["type"] == "http.response.start":
                 self.started = True
                 if attempt > 1:
@@ -111,6 +142,17 @@ class Answer:
             await self._send(message)
 
         return send
+
+    async def pass_held_on(self) -> None:
+        self.started = True
+        for message in self.held:
+            await self._send(message)
+
+
+def is_route_not_found(start: Message) -> bool:
+    """Serve's proxy's own 404 (plain text: "Path '...' not found"); the app's 404s are JSON."""
+    content_type = dict(start.get("headers", [])).get(b"content-type", b"")
+    return start.get("status") == 404 and content_type.startswith(b"text/plain")
 
 
 async def read_body(receive: Receive) -> tuple[list[Message], bool]:

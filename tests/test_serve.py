@@ -334,6 +334,42 @@ def test_the_proxy_resends_a_prediction_only_when_no_replica_answered():
     assert run_asgi(ResendLostPredictions(proxy_seeing_a_hang_up, backoff_s=0.001), "/v1/predict", hang_up=True) == [] and len(calls) == 1
 
 
+def not_found_then_answered(not_found: int, content_type: bytes = b"text/plain; charset=utf-8"):
+    """An ASGI app standing for a proxy that has just started: its own 404 for the first `not_found` calls."""
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append((await receive()).get("body", b""))
+        if len(calls) <= not_found:
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", content_type)]})
+            await send({"type": "http.response.body", "body": b"Path '/v1/predict' not found. Ping http://.../-/routes for available routes."})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"predictions": []}'})
+
+    return app, calls
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_without_its_routes_yet_holds_a_prediction_back_instead_of_answering_404():
+    """serve/proxy_retry.py: a proxy that has just started says 404 until its route table comes; a prediction waits for it."""
+    from serve.proxy_retry import ResendLostPredictions
+
+    # the route table arrives after two polls: the client gets the answer, never the 404
+    app, calls = not_found_then_answered(2)
+    sent = run_asgi(ResendLostPredictions(app, routes_wait_s=1.0, routes_poll_s=0.01), "/v1/predict")
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200] and len(calls) == 3
+    assert calls == [b'{"text": "good"}'] * 3, "the same body each time"
+    # it never comes (a path unknown under this prefix): Serve's 404 as it was, after the wait
+    app, calls = not_found_then_answered(1000)
+    sent = run_asgi(ResendLostPredictions(app, routes_wait_s=0.05, routes_poll_s=0.01), "/typo/v1/predict")
+    assert sent[0]["status"] == 404 and sent[1]["body"].startswith(b"Path '") and 5 <= len(calls) <= 7
+    # the app's own 404 (JSON: an unknown model name) is an answer: passed on at once
+    app, calls = not_found_then_answered(1, content_type=b"application/json")
+    sent = run_asgi(ResendLostPredictions(app, routes_wait_s=1.0, routes_poll_s=0.01), "/v2/models/other/infer")
+    assert sent[0]["status"] == 404 and len(calls) == 1
+
+
 @pytest.mark.timeout(120)
 def test_model_store_tokenizes_like_training_and_batches_consistently(registry, tiny_model_dir):
     import numpy as np
