@@ -400,6 +400,32 @@ def test_threads_use_the_cpus_ray_data_does_not_need(options, cached, node_cpus,
     assert plan_threads(TrainConfig(**options), use_gpu, cached, node_cpus) == threads
 
 
+def test_a_checkpoint_folder_ray_never_registered_is_removed_and_nothing_else(tmp_path, first_run):
+    """A lost worker's cut-off upload (a checkpoint_* folder Ray's snapshot does not name) goes once the run
+    finished; the registered checkpoints, the run's other files and a run without a snapshot stay."""
+    from pipelines.core.storage import resolve
+    from pipelines.training.leftovers import SNAPSHOT_FILE, remove_unregistered_checkpoints, unregistered_checkpoints
+
+    # the fixture's real run (Ray's own snapshot): nothing to remove, every named checkpoint in place
+    config, _, _ = first_run
+    run_dir = resolve(config.storage).child("ray_results", config.run_name)
+    named = [r["checkpoint_dir_name"] for r in run_dir.child(SNAPSHOT_FILE).read_json()["checkpoint_results"]]
+    assert len(named) == 2 and unregistered_checkpoints(run_dir) == [] and set(named) <= set(run_dir.subfolders())
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-12-07_17-51-58.1", "checkpoint_2026-12-07_17-52-32.2", "checkpoint_2026-12-07_17-52-35.3", "other"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"x")
+    location = resolve(str(run))
+    assert remove_unregistered_checkpoints(location) == [], "no snapshot: nothing is known, nothing is removed"
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_2026-12-07_17-52-32.2"}, {"checkpoint_dir_name": "checkpoint_2026-12-07_17-52-35.3"}]}))
+    assert remove_unregistered_checkpoints(location) == ["checkpoint_2026-12-07_17-51-58.1"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_2026-12-07_17-52-32.2", "checkpoint_2026-12-07_17-52-35.3", SNAPSHOT_FILE, "other"]
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": []}))
+    assert remove_unregistered_checkpoints(location) == [], "a snapshot that names nothing removes nothing"
+
+
 @pytest.mark.parametrize(("placement", "strategy"), [("pack", "PACK"), ("spread", "SPREAD")])
 def test_placement_is_ray_trains_placement_strategy(placement, strategy, tmp_path):
     """--placement reaches the workers' placement group (the rehearsal spreads two workers over two hosts)."""

@@ -32,7 +32,7 @@ from pipelines.data.settings import PrepareConfig
 from pipelines.text.model import resolve_model_path
 from pipelines.text.tokenization import load_tokenizer
 from pipelines.tracking import callbacks, registration, registry, reports, run_log, runs, store_uri
-from pipelines.training import feed, resources, run_settings
+from pipelines.training import feed, leftovers, resources, run_settings
 from pipelines.training.checkpoints import best_model_folder
 from pipelines.training.settings import TrainConfig
 from pipelines.training.worker import train_loop_per_worker
@@ -220,6 +220,9 @@ def _train_in_mlflow_run(config, manifest, model_path, run_name, settings, track
             console.stage("training", f"MLflow run {run_id} ({run_name})")
             with progress.board(run_name) as board_name:
                 result = _fit(config, run_name, tracking_uri, run_id, plan, datasets, {**loop_config, "progress_board": board_name}, board_name)
+            removed = leftovers.remove_unregistered_checkpoints(_run_dir(config, run_name))
+            if removed:
+                console.stage("training", f"removed {len(removed)} checkpoint folder(s) a lost worker left unreported: {', '.join(removed)}")
             outcome = _record_and_register(config, manifest, model_path, run_name, run_id, tracking_uri, result)
         except BaseException as exc:
             run_log.upload_console_log(run_id, log_path)  # a failed (or stopped) run keeps its log too

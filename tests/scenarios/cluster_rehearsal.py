@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -493,15 +494,16 @@ def main(argv: list[str] | None = None) -> int:
 
         checkpoint_keys = s3.list_keys(BUCKET, f"platform/ray_results/{RUN_NAME}/")
         in_bucket = sorted({k.split("/")[3] for k in checkpoint_keys if k.split("/")[3].startswith("checkpoint_") and k.count("/") > 3})
-        # Ray's own list of the run's checkpoints; a folder beside them can only be the killed workers'
-        # upload of epoch 2, cut off before it was reported (Ray never registered it, so never prunes it)
+        # Ray's own list of the run's checkpoints, and the bucket holds those alone: the killed workers'
+        # upload of epoch 2, cut off before it was reported (Ray never registers it, so never prunes
+        # it), was removed by the job once the run finished (pipelines/training/leftovers.py)
         snapshot = json.loads(s3.get_object(BUCKET, f"platform/ray_results/{RUN_NAME}/checkpoint_manager_snapshot.json"))
         kept = sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])
-        cut_off = [c for c in in_bucket if c not in kept]
-        check(len(kept) == 2 and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept)
-              and len(cut_off) <= 1 and all(c < min(kept) for c in cut_off),
-              f"checkpoints in the bucket, the oldest pruned (num_to_keep=2: {kept}; cut off by the kill: {cut_off}; "
-              f"{len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
+        removed = re.findall(r"removed \d+ checkpoint folder\(s\) a lost worker left unreported: (.*)", out)
+        check(len(kept) == 2 and in_bucket == kept
+              and all(any(k.startswith(f"platform/ray_results/{RUN_NAME}/{c}/") and k.endswith("model.safetensors") for k in checkpoint_keys) for c in kept),
+              f"checkpoints in the bucket: Ray's two newest, nothing else (num_to_keep=2: {kept}; the lost worker's cut-off "
+              f"upload removed by the job: {removed or 'none this run'}; {len(checkpoint_keys)} objects under ray_results/{RUN_NAME}/)")
         artifact_keys = s3.list_keys(BUCKET, "mlflow-artifacts/")
         check(any(k.endswith("model.safetensors") for k in artifact_keys) and any(k.endswith("console.log") for k in artifact_keys),
               f"model files and the run's console.log in the bucket through the MLflow server on the head ({len(artifact_keys)} objects)")
