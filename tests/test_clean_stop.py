@@ -312,7 +312,7 @@ def stop_sweep(workdir: Path, env: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.lane(stop_sweep, timeout_s=540)  # 117 s alone, 222-278 s in CI beside the suite
+@pytest.mark.lane(stop_sweep, timeout_s=540)  # 117-133 s alone, 171-278 s beside the suite
 def test_a_sweep_stops_cleanly_on_sigterm_and_resumes_in_the_same_mlflow_run(request):
     outcome = lane_result(request, stop_sweep)
     stopped = outcome["stopped"]
