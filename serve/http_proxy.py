@@ -13,7 +13,9 @@
   without a whole answer: it died), so HAProxy sends the request again to another
   replica. HAProxy re-sends only requests that fit its buffer (HAPROXY_BUFSIZE, 64 KiB:
   a request of several long reviews beyond that is not retried), and does it for every
-  route of every app behind it: fine for ours (predictions are idempotent).
+  route of every app behind it: fine for ours (predictions are idempotent). Measured on Ray
+  2.60, that is not enough: some requests already on a replica that dies still fail
+  (docs/serving.md, "HTTP proxy"), so Serve's proxy stays the default, clusters included.
 
 Serve reads the switch when its controller starts, from the environment of the Ray
 processes: `python -m serve.app` sets it before it starts a local Ray; on a cluster it is

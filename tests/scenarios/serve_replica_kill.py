@@ -28,7 +28,12 @@ proxy sent again (answers with `X-Serve-Attempts` > 1).
 With --http-proxy haproxy the same runs behind Ray Serve's HAProxy (serve/http_proxy.py
 `use_haproxy`, with its re-send of a request whose replica died), in a network namespace of
 its own (HAProxy binds ports on every interface); the proxy killed is the HAProxy process.
-HAProxy does not say whether it re-sent a request, so `resent_by_proxy` is 0 there.
+HAProxy does not say whether it re-sent a request, so `resent_by_proxy` is 0 there. Serve's
+controller replaces a dead HAProxy like a dead proxy actor; the new one answers 404
+(`no_route_404`) until the controller has sent it the routes (its /-/healthz answers 503
+until then). Not a test of the suite: on Ray 2.60 HAProxy loses some of the requests that
+were on a replica when it died (docs/serving.md, "HTTP proxy"), so it is not the mode the
+clusters run.
 
 Prints one `SCENARIO_RESULT {json}` line.
 """
@@ -52,6 +57,7 @@ MODEL_NAME = "tiny-serve-kill"
 DEPLOYMENT = "SentimentClassifier"  # the one deployment, HTTP ingress and model (serve.app.DEPLOYMENT_NAME)
 PROXY = "ProxyActor"  # Serve's HTTP proxy, one per node
 PAUSE_AFTER_FAILURE_S = 0.05
+NO_ROUTE_404 = "HTTP 404: Path '/v1/predict' not found"  # HAProxy's answer before it has the routes (Ray's template)
 PROXY_HEALTH_CHECK_PERIOD_S = "1"  # how soon Serve's controller notices a dead proxy (3 checks in a row), default 10
 REVIEWS = [
     "A moving story with wonderful acting and a score I still hum.",
@@ -213,6 +219,8 @@ def summary(outcomes: list[dict], killed_at: float, recovered_at: float, clients
     failed = [o for o in since if not o["ok"]]
     return {
         "requests": len(since),
+        # the request each client had out when the process died (some of them on it)
+        "in_flight_at_kill": sum(1 for o in since if o["start"] < killed_at),
         "requests_during_recovery": sum(1 for o in since if o["start"] <= recovered_at),
         "requests_after_recovery": sum(1 for o in since if o["start"] > recovered_at),
         "failed_requests": len(failed),
@@ -221,7 +229,12 @@ def summary(outcomes: list[dict], killed_at: float, recovered_at: float, clients
         "failed_after_kill": sum(1 for o in failed if o["start"] >= killed_at),
         "failed_after_recovery": sum(1 for o in failed if o["start"] > recovered_at),
         "failed_examples": [o["errors"] for o in failed[:5]],
+        "failed_examples_s": [(round(o["start"] - killed_at, 2), round(o["end"] - killed_at, 2)) for o in failed[:5]],  # from the kill
         "error_kinds": dict(Counter(e.split(":")[0] for o in failed for e in o["errors"])),
+        # a new HAProxy answers its default backend's 404 until Serve's controller sent it the
+        # routes (its /-/healthz says 503 until then): these, and when the last one started
+        "no_route_404": sum(1 for o in failed for e in o["errors"] if e.startswith(NO_ROUTE_404)),
+        "last_failure_start_s": round(max((o["start"] for o in failed), default=killed_at) - killed_at, 2),
         "resent_by_proxy": sum(1 for o in since if o["ok"] and o["attempts"] > 1),
         "recovery_s": round(recovered_at - killed_at, 1),
         "max_latency_s": round(max((o["end"] - o["start"] for o in since), default=0.0), 2),
