@@ -1,6 +1,6 @@
 # The two commands in README.md:
 #   make train   set up .venv and run the main job on the embedded default
-#   make test    set up .venv and run the test suite (what CI runs)
+#   make test    set up .venv and run the test suite (CI runs it, then `make test-rehearsal`)
 # and after `make train`: `make serve` (the champion over HTTP), `make ui` (MLflow's UI)
 # bash: the postgresql target uses compgen
 SHELL := /bin/bash
@@ -15,7 +15,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup postgresql promtool sshd train serve ui test test-fast rehearsal bench lock clean
+.PHONY: setup postgresql promtool sshd train serve ui test test-fast rehearsal test-rehearsal bench lock clean
 
 setup: $(STAMP)
 
@@ -69,8 +69,9 @@ ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri \
 	  "$$($(BIN)/python -c 'from pipelines.core import storage; from pipelines.tracking import store_uri; print(store_uri.local_store(storage.default_storage())[0])')"
 
-test: setup postgresql promtool sshd
-	$(BIN)/python -m pytest $(ARGS)
+# the suite without the cluster rehearsal (below): CI runs both (.ci/run)
+test: setup postgresql promtool
+	$(BIN)/python -m pytest -m "not rehearsal" $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
@@ -80,6 +81,10 @@ test-fast: setup
 # Prometheus watches it (tests/scenarios/cluster_rehearsal.py)
 rehearsal: setup postgresql promtool sshd
 	$(BIN)/python tests/scenarios/cluster_rehearsal.py "$$(mktemp -d -t rehearsal-XXXXXX)"
+
+# the same through its test (tests/test_multinode.py), with the test's assertions: what CI runs after `make test`
+test-rehearsal: setup postgresql promtool sshd
+	$(BIN)/python -m pytest -m rehearsal $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/train_overhead.py

@@ -83,6 +83,7 @@ def test_killing_a_serve_replica_or_the_proxy_under_load_loses_only_what_the_pro
           "timings:", result["timings"])
 
 
+@pytest.mark.rehearsal  # its own CI step after `make test` (make test-rehearsal)
 @pytest.mark.timeout(REHEARSAL_TIMEOUT_S + 120)
 @pytest.mark.lane(cluster_rehearsal, timeout_s=REHEARSAL_TIMEOUT_S)
 def test_cluster_rehearsal_ray_up_on_ssh_hosts_that_share_only_s3_and_mlflow(request):
