@@ -57,7 +57,7 @@ MODEL_NAME = "tiny-serve-kill"
 DEPLOYMENT = "SentimentClassifier"  # the one deployment, HTTP ingress and model (serve.app.DEPLOYMENT_NAME)
 PROXY = "ProxyActor"  # Serve's HTTP proxy, one per node
 PAUSE_AFTER_FAILURE_S = 0.05
-NO_ROUTE_404 = "HTTP 404: Path '/v1/predict' not found"  # HAProxy's answer before it has the routes (Ray's template)
+NO_ROUTE_404 = "HTTP 404: Path '/v1/predict' not found"  # a new proxy's answer before it has the routes (Serve's proxy and Ray's HAProxy template alike)
 PROXY_HEALTH_CHECK_PERIOD_S = "1"  # how soon Serve's controller notices a dead proxy (3 checks in a row), default 10
 REVIEWS = [
     "A moving story with wonderful acting and a score I still hum.",
@@ -231,8 +231,9 @@ def summary(outcomes: list[dict], killed_at: float, recovered_at: float, clients
         "failed_examples": [o["errors"] for o in failed[:5]],
         "failed_examples_s": [(round(o["start"] - killed_at, 2), round(o["end"] - killed_at, 2)) for o in failed[:5]],  # from the kill
         "error_kinds": dict(Counter(e.split(":")[0] for o in failed for e in o["errors"])),
-        # a new HAProxy answers its default backend's 404 until Serve's controller sent it the
-        # routes (its /-/healthz says 503 until then): these, and when the last one started
+        # a new proxy answers 404 until Serve's controller sent it the routes (a new HAProxy's
+        # /-/healthz says 503 until then; serve/proxy_retry.py holds Serve's): these, and when
+        # the last failure started
         "no_route_404": sum(1 for o in failed for e in o["errors"] if e.startswith(NO_ROUTE_404)),
         "last_failure_start_s": round(max((o["start"] for o in failed), default=killed_at) - killed_at, 2),
         "resent_by_proxy": sum(1 for o in since if o["ok"] and o["attempts"] > 1),
